@@ -1,0 +1,1 @@
+"""Pure logic of the FineInstructions method: no Spark, no models. Tested on its own."""
