@@ -127,15 +127,23 @@ try:  # PySpark >= 4.0
             yield from pa.Table.from_arrays(cols, schema=self.arrow_schema).to_batches()
 
     class DeltaSnapshotDataSource(DataSource):
-        """``spark.read.format("finelake_delta").option("path", p)[.option("versionAsOf", v)]``.
+        """``spark.read.format("finelake_delta").option("delta_path", p)[.option("versionAsOf", v)]``.
 
-        Also usable from SQL once registered: ``CREATE TABLE db.t USING finelake_delta
-        OPTIONS (path '...')``.
+        Spark 4.2 does not hand a catalog table's OPTIONS to a Python data source, so SQL
+        registration uses :func:`table_data_source`, a subclass with the path built in.
         """
 
         @classmethod
         def name(cls) -> str:
             return DATA_SOURCE_NAME
+
+        fixed_path: Optional[str] = None  # set by table_data_source() for SQL-registered tables
+
+        def _path(self) -> str:
+            p = self.fixed_path or self.options.get("delta_path") or self.options.get("path")
+            if not p:
+                raise LakeError(f"{DATA_SOURCE_NAME}: option delta_path is required")
+            return p
 
         def _version(self) -> Optional[int]:
             v = self.options.get("versionAsOf") or self.options.get("versionasof")
@@ -145,14 +153,23 @@ try:  # PySpark >= 4.0
             from deltalake import DeltaTable
             from pyspark.sql.pandas.types import from_arrow_schema
 
-            dt = DeltaTable(self.options["path"], version=self._version())
+            dt = DeltaTable(self._path(), version=self._version())
             return from_arrow_schema(pa.schema(dt.schema().to_arrow()))
 
         def reader(self, schema):
-            return DeltaSnapshotReader(self.options["path"], self._version(), schema)
+            return DeltaSnapshotReader(self._path(), self._version(), schema)
+
+    def table_data_source(table: str, path: str):
+        """A data source class bound to one Delta table path, for ``CREATE TABLE ... USING``."""
+        import hashlib
+
+        short = f"{DATA_SOURCE_NAME}_{table}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+        return type(f"DeltaSnapshot_{table}", (DeltaSnapshotDataSource,),
+                    {"fixed_path": path, "name": classmethod(lambda cls: short)})
 
 except ImportError:  # pragma: no cover - pyspark < 4 or absent
     DeltaSnapshotDataSource = None  # type: ignore[assignment]
+    table_data_source = None  # type: ignore[assignment]
 
 
 # ----------------------------------------------------------------------------- the lake
@@ -287,6 +304,7 @@ class Lake:
         if update:
             m = m.when_matched_update_all()
         metrics = m.when_not_matched_insert_all().execute()
+        log.debug("merge %s: %s", tdef.name, metrics)
         ins = int(metrics.get("num_target_rows_inserted", 0))
         upd = int(metrics.get("num_target_rows_updated", 0))
         return MergeResult(tdef.name, ins, upd, data.num_rows, DeltaTable(self.path(tdef)).version())
@@ -333,7 +351,7 @@ class Lake:
             reader = reader.option("versionAsOf", str(version))
         if self.engine == "delta-spark":
             return reader.load(self.path(tdef))
-        return reader.option("path", self.path(tdef)).load()
+        return reader.option("delta_path", self.path(tdef)).load()
 
     def read_arrow(self, tdef: TableDef, version: Optional[int] = None,
                    columns: Optional[list[str]] = None) -> pa.Table:
@@ -360,8 +378,10 @@ class Lake:
         if self.engine == "delta-spark":
             self.spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING DELTA LOCATION '{loc}'")
         else:
+            ds = table_data_source(tdef.name, self.path(tdef))
+            self.spark.dataSource.register(ds)
             self.spark.sql(f"DROP TABLE IF EXISTS {name}")
-            self.spark.sql(f"CREATE TABLE {name} USING {DATA_SOURCE_NAME} OPTIONS (path '{loc}')")
+            self.spark.sql(f"CREATE TABLE {name} USING {ds.name()}")
         self._registered.add(name)
         return name
 
