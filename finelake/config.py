@@ -246,9 +246,11 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of keys to values")
     data = copy.deepcopy(data)
+    overridden = set()
     for item in overrides or []:
         parts, value = parse_override(item)
         _apply(data, parts, value)
+        overridden.add(".".join(parts))
     for k, v in fields.items():
         if v is not None:
             _apply(data, k.split("."), v)
@@ -260,5 +262,6 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
         for err in exc.errors():
             key = ".".join(str(x) for x in err["loc"])
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{key}: {msg}")
+            origin = " (from --set)" if key in overridden else ""
+            problems.append(f"{key}{origin}: {msg}")
         raise ConfigError(f"{path}: invalid configuration: " + "; ".join(problems)) from None

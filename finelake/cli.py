@@ -1,0 +1,203 @@
+"""The ``finelake`` command line: one subcommand per job, ``run`` for the whole pipeline.
+
+Every subcommand takes ``--conf PROFILE`` (a YAML path or a packaged profile name), ``--set
+key.path=value`` overrides, ``--lake DIR`` and ``--run-id``. The same commands run under
+``spark-submit jobs/<job>.py --conf conf/<profile>.yaml ...``.
+
+Errors a user can cause (a missing file, a bad config, an unreadable table) end with one line on
+stderr and exit status 2, never a Java stack trace; ``-v`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from typing import Callable, Optional
+
+import click
+
+from finelake.config import ConfigError, load_config
+from finelake.runtime import FinelakeError, StageContext
+
+log = logging.getLogger("finelake")
+
+STAGES = ("ingest", "genericize", "index", "match", "instantiate", "judge", "budget")
+
+
+def _common(f: Callable) -> Callable:
+    """Options every subcommand shares."""
+
+    @click.option("--conf", "profile", default=lambda: os.environ.get("FINELAKE_PROFILE", "local"),
+                  show_default="local", help="Profile: a YAML file or a packaged name (local, databricks, emr).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a config value, e.g. --set match.threshold=0.5 (repeatable).")
+    @click.option("--lake", default=None, help="Lake root folder/URI (overrides the profile's lake).")
+    @click.option("--run-id", default=None, help="Run id recorded on rows and commits (default: new).")
+    @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
+    @functools.wraps(f)
+    def wrapper(profile, overrides, lake, run_id, verbose, **kwargs):
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for noisy in ("py4j", "httpx", "urllib3", "filelock", "numba"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            cfg = load_config(profile, list(overrides), lake=lake)
+            ctx = StageContext(cfg, run_id=run_id)
+            return f(ctx, **kwargs)
+        except (ConfigError, FinelakeError, FileNotFoundError, KeyError, ValueError) as exc:
+            if verbose:
+                raise
+            raise click.ClickException(_one_line(exc)) from None
+        except Exception as exc:  # Spark's AnalysisException and friends
+            name = type(exc).__name__
+            if verbose or not (name.endswith("Exception") or "Lake" in name):
+                raise
+            raise click.ClickException(f"{name}: {_one_line(exc)}") from None
+
+    return wrapper
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    first = text.splitlines()[0]
+    return first if len(first) < 600 else first[:600] + "..."
+
+
+def _print_stats(stats) -> None:
+    for s in stats if isinstance(stats, (list, tuple)) else [stats]:
+        click.echo(s.summary())
+
+
+_limits = [
+    click.option("--max-queries", type=int, default=None, help="Process at most N queries."),
+    click.option("--max-documents", type=int, default=None, help="Process at most N documents."),
+]
+_inputs = [
+    click.option("--queries", type=str, default=None, help="Queries: JSONL/Parquet/CSV/text folder/Delta (default: the shipped sample)."),
+    click.option("--documents", type=str, default=None, help="Documents: JSONL/Parquet/CSV/text folder/Delta (default: the shipped sample)."),
+]
+
+
+def _apply(options):
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="finelake")
+def cli() -> None:
+    """finelake: FineInstructions (real queries -> templates -> grounded instruction/answer pairs)
+    as Spark jobs over Delta tables."""
+
+
+@cli.command()
+@_apply(_inputs)
+@click.option("--query-field", default=None, help="Field holding the query text (default: query).")
+@click.option("--text-field", default=None, help="Field holding the document text (default: text).")
+@click.option("--id-field", default=None, help="Field holding a row id (default: content hash).")
+@click.option("--source-field", default=None, help="Field holding the source name.")
+@_common
+def ingest(ctx, queries, documents, query_field, text_field, id_field, source_field):
+    """Ingest queries and documents into Delta (normalize, dedup, decontaminate, quarantine)."""
+    from finelake.jobs.ingest import run_ingest
+
+    _print_stats(run_ingest(ctx, queries=queries, documents=documents, query_field=query_field,
+                            text_field=text_field, id_field=id_field, source_field=source_field))
+
+
+def _stage_command(stage: str, help_text: str):
+    @cli.command(name=stage, help=help_text)
+    @_apply(_limits)
+    @_common
+    def cmd(ctx, max_queries, max_documents):
+        import importlib
+
+        mod = importlib.import_module(f"finelake.jobs.{stage}")
+        _print_stats(getattr(mod, f"run_{stage}")(ctx, max_queries=max_queries,
+                                                  max_documents=max_documents))
+
+    return cmd
+
+
+_stage_command("genericize", "Genericize queries into <fi> templates (queries -> templates).")
+_stage_command("index", "Embed compatible document descriptions and build the FAISS template index.")
+_stage_command("match", "Match documents to templates (Gaussian-pooled embeddings, threshold, weighted sample).")
+_stage_command("instantiate", "Instantiate matched templates against their documents (excerpt answers).")
+_stage_command("judge", "Score instantiated pairs 1-5 and keep those >= judge.min_score.")
+_stage_command("budget", "Keep judged pairs within each document's token budget (with rollover) -> pairs.")
+
+
+@cli.command()
+@_apply(_inputs + _limits)
+@_common
+def run(ctx, queries, documents, max_queries, max_documents):
+    """Run the whole pipeline: ingest, genericize, index, match, instantiate, judge, budget, report."""
+    from finelake.jobs.pipeline import run_pipeline
+
+    _print_stats(run_pipeline(ctx, queries=queries, documents=documents,
+                              max_queries=max_queries, max_documents=max_documents))
+
+
+@cli.command()
+@click.option("--out", default=None, help="Folder for report.md and plots (default: <lake>/_reports/<run>).")
+@_common
+def report(ctx, out):
+    """Print and save the funnel, distributions, template diversity and stage speeds."""
+    from finelake.jobs.report import run_report
+
+    path = run_report(ctx, out=out)
+    click.echo(f"report written to {path}")
+
+
+@cli.command()
+@click.option("--sample", "n", type=int, default=200, help="Documents to score.")
+@_common
+def calibrate(ctx, n):
+    """Print the distribution of document-template cosine scores to choose a match threshold."""
+    from finelake.jobs.match import calibrate as run_calibrate
+
+    click.echo(run_calibrate(ctx, n))
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--limit", type=int, default=50, show_default=True, help="Rows to print.")
+@_common
+def sql(ctx, query, limit):
+    """Run Spark SQL over the registered tables, e.g. finelake sql "SELECT count(*) FROM finelake.pairs"."""
+    from finelake.tables import ALL_TABLES
+
+    ctx.lake.register_all(ALL_TABLES.values())
+    df = ctx.spark.sql(query)
+    click.echo(df._show_string(limit, 80, False) if hasattr(df, "_show_string") else df.limit(limit).toPandas().to_string())
+
+
+@cli.command()
+@_common
+def tables(ctx):
+    """List the tables, their location, version and row count."""
+    from finelake.lake import Lake
+    from finelake.tables import ALL_TABLES
+
+    lake = Lake(ctx.cfg.lake, None)  # delta-rs only: no Spark start needed
+    for t in ALL_TABLES.values():
+        v = lake.version(t)
+        rows = lake.read_arrow(t, columns=[t.key[0]]).num_rows if v is not None else "-"
+        click.echo(f"{t.name:16} v{'-' if v is None else v:<4} rows={rows:<8} {lake.path(t)}  {t.description}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of the ``finelake`` console script and of ``jobs/*.py`` under spark-submit."""
+    cli.main(args=argv, prog_name="finelake", standalone_mode=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
