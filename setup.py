@@ -31,7 +31,7 @@ TRAIN = [
     "datasets>=3.0",
 ]
 REPORT = ["matplotlib>=3.8"]
-DEV = ["pytest>=8", "pytest-timeout>=2.3"]
+DEV = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6"]
 
 setup(
     name="finelake",

@@ -142,8 +142,8 @@ def run(ctx, queries, documents, max_queries, max_documents):
     """Run the whole pipeline: ingest, genericize, index, match, instantiate, judge, budget, report."""
     from finelake.jobs.pipeline import run_pipeline
 
-    _print_stats(run_pipeline(ctx, queries=queries, documents=documents,
-                              max_queries=max_queries, max_documents=max_documents))
+    run_pipeline(ctx, queries=queries, documents=documents, max_queries=max_queries,
+                 max_documents=max_documents)  # prints each stage's summary as it finishes
 
 
 @cli.command()

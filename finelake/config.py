@@ -87,6 +87,8 @@ class IngestConfig(_Strict):
 
 
 class GenericizeConfig(_Strict):
+    model: Optional[ModelConfig] = Field(None, description="Model for this stage; default models.generator.")
+    chunk_rows: int = Field(400, ge=1, description="Queries per committed chunk (a killed run loses at most one).")
     mode: Literal["decomposed", "direct"] = Field(
         "decomposed",
         description="'direct': the query_templatizer contract (query in, JSON with template and "
@@ -119,6 +121,9 @@ class MatchConfig(_Strict):
 
 
 class InstantiateConfig(_Strict):
+    model: Optional[ModelConfig] = Field(None, description="Model for this stage; default models.generator.")
+    chunk_documents: int = Field(32, ge=1, description="Documents per committed chunk (a killed run loses at most one).")
+    max_answer_sentences: int = Field(4, ge=1, description="Decomposed mode: longest answer, in sentences.")
     mode: Literal["decomposed", "direct"] = "decomposed"
     prompt_version: str = "instantiate-v1"
     min_excerpt_ratio: float = Field(0.8, ge=0, le=1)

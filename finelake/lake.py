@@ -270,7 +270,8 @@ class Lake:
                               partition_by=list(tdef.partition_by) or None)
 
     # -- writes
-    def merge(self, tdef: TableDef, rows, run_id: str, update: bool = False) -> MergeResult:
+    def merge(self, tdef: TableDef, rows, run_id: str, update: bool = False,
+              update_when: Optional[str] = None) -> MergeResult:
         """Merge rows into the table on its key.
 
         Args:
@@ -280,6 +281,8 @@ class Lake:
             run_id: recorded on new rows and in the commit metadata.
             update: also overwrite rows whose key exists (default: insert only, so a rerun
                 leaves finished rows as they were).
+            update_when: SQL predicate over ``t`` (target) and ``s`` (source) limiting which
+                matched rows are updated, so an unchanged rerun commits nothing new.
 
         Returns:
             :class:`MergeResult`; ``version`` is None when nothing was committed.
@@ -289,7 +292,7 @@ class Lake:
         """
         self.create(tdef)
         if self.engine == "delta-spark":
-            return self._merge_spark(tdef, rows, run_id, update)
+            return self._merge_spark(tdef, rows, run_id, update, update_when)
         if not isinstance(rows, pa.Table):
             rows = rows.toArrow()
         data = dedupe_on_key(tdef, conform(tdef, rows, run_id))
@@ -302,14 +305,17 @@ class Lake:
         m = dt.merge(source=data, predicate=pred, source_alias="s", target_alias="t",
                      commit_properties=CommitProperties(custom_metadata={RUN_ID_KEY: run_id}))
         if update:
-            m = m.when_matched_update_all()
+            m = m.when_matched_update_all(predicate=update_when)
         metrics = m.when_not_matched_insert_all().execute()
         log.debug("merge %s: %s", tdef.name, metrics)
         ins = int(metrics.get("num_target_rows_inserted", 0))
         upd = int(metrics.get("num_target_rows_updated", 0))
-        return MergeResult(tdef.name, ins, upd, data.num_rows, DeltaTable(self.path(tdef)).version())
+        committed = ins or upd or int(metrics.get("num_target_rows_deleted", 0))
+        return MergeResult(tdef.name, ins, upd, data.num_rows,
+                           DeltaTable(self.path(tdef)).version() if committed else None)
 
-    def _merge_spark(self, tdef: TableDef, rows, run_id: str, update: bool) -> MergeResult:
+    def _merge_spark(self, tdef: TableDef, rows, run_id: str, update: bool,
+                     update_when: Optional[str]) -> MergeResult:
         from delta.tables import DeltaTable as SparkDeltaTable
         from pyspark.sql import functions as F
 
@@ -323,7 +329,7 @@ class Lake:
             cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
             m = dt.alias("t").merge(df.alias("s"), cond)
             if update:
-                m = m.whenMatchedUpdateAll()
+                m = m.whenMatchedUpdateAll(condition=update_when)
             m.whenNotMatchedInsertAll().execute()
             last = dt.history(1).collect()[0]
             om = last["operationMetrics"] or {}

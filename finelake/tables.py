@@ -110,6 +110,14 @@ MATCHES = TableDef(
     description="Templates sampled for each document from candidates above the threshold (§3.2).",
 )
 
+MATCH_LOG = TableDef(
+    "match_log",
+    _schema(("doc_id", S), ("candidates", I32), ("sampled", I32), ("threshold", F64),
+            ("embedding_model", S), ("index_version", S), *LINEAGE),
+    key=("doc_id",),
+    description="One row per processed document: candidates above the threshold and templates sampled.",
+)
+
 INSTANTIATIONS = TableDef(
     "instantiations",
     _schema(("pair_key", S), ("doc_id", S), ("template_id", S), ("status", S), ("instruction", S),
@@ -149,7 +157,7 @@ BUDGET_LEDGER = TableDef(
 ALL_TABLES: dict[str, TableDef] = {
     t.name: t
     for t in (QUERIES, DOCUMENTS, QUARANTINE, INGEST_DROPS, GENERICIZATIONS, TEMPLATES, MATCHES,
-              INSTANTIATIONS, JUDGMENTS, PAIRS, BUDGET_LEDGER)
+              MATCH_LOG, INSTANTIATIONS, JUDGMENTS, PAIRS, BUDGET_LEDGER)
 }
 
 

@@ -1,0 +1,300 @@
+"""Prompts, output schemas and output parsing for genericization and instantiation (§3.1, §3.3).
+
+Two modes per stage, chosen in the profile:
+
+* ``direct`` — the contracts of the released models, so a GPU profile only changes the model id:
+  ``fineinstructions/query_templatizer`` takes the bare query as the user message and answers
+  ``{"template", "compatible_document_description"}``; ``fineinstructions/template_instantiator``
+  takes ``{"instruction_template", "document"}`` as JSON and answers ``{"instruction", "answer"}``
+  (answer with ``<excerpt>`` pointers) or ``null`` for an incompatible pair.
+* ``decomposed`` — for a model as small as the embedded SmolLM2-135M: it picks from numbered lists
+  under constrained decoding (spans of the query and a generic description of each; slot fills and
+  a sentence range of the document), and code assembles the template, the instruction and the
+  excerpt pointer. The expansion, ratio and validation code is the same in both modes.
+
+Every function here is pure: messages in, parsed records out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from finelake.method import excerpts, templates
+from finelake.method.spans import Span, candidate_spans, split_sentences
+
+GENERICIZE_PROMPT_VERSION = "genericize-v1"
+INSTANTIATE_PROMPT_VERSION = "instantiate-v1"
+
+# ----------------------------------------------------------------------------- genericize
+
+DIRECT_GENERICIZE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "template": {"type": "string"},
+        "compatible_document_description": {"type": "string"},
+    },
+    "required": ["template", "compatible_document_description"],
+}
+
+_GENERICIZE_SYSTEM = (
+    "You turn a user's request into a reusable template. From the numbered phrases of the request, "
+    "pick the phrases that are specific (names, topics, products, places, quantities) and say what "
+    "general kind of thing each one is, in two to four lowercase words.\n"
+    "Request: How do I bake sourdough bread in a Dutch oven?\n"
+    "Phrases: 1. bake sourdough bread 2. Dutch oven\n"
+    'Answer: {"picks":[{"n":1,"kind":"type of baked food"},{"n":2,"kind":"cooking vessel"}]}\n'
+    "Request: What are the health benefits of green tea?\n"
+    "Phrases: 1. health benefits 2. green tea\n"
+    'Answer: {"picks":[{"n":2,"kind":"beverage"}]}'
+)
+
+
+@dataclass
+class GenericizeRequest:
+    """Messages and schema for one query, plus what parsing needs (the candidate spans)."""
+
+    messages: list[dict]
+    json_schema: dict
+    candidates: list[Span] = field(default_factory=list)
+
+
+def genericize_request(query: str, mode: str, max_slots: int = 3) -> Optional[GenericizeRequest]:
+    """Build the generation request for one query.
+
+    Returns:
+        The request, or None in decomposed mode when the query has no candidate span (the stage
+        records that query as ``no_candidate_span``).
+    """
+    if mode == "direct":
+        return GenericizeRequest([{"role": "user", "content": query}], DIRECT_GENERICIZE_SCHEMA)
+    cands = candidate_spans(query)
+    if not cands:
+        return None
+    listing = " ".join(f"{i}. {c.text}" for i, c in enumerate(cands, 1))
+    schema = {
+        "type": "object",
+        "properties": {"picks": {
+            "type": "array", "minItems": 1, "maxItems": max(1, min(max_slots, len(cands))),
+            "items": {"type": "object",
+                      "properties": {"n": {"type": "integer", "enum": list(range(1, len(cands) + 1))},
+                                     "kind": {"type": "string", "minLength": 3, "maxLength": 40}},
+                      "required": ["n", "kind"]}}},
+        "required": ["picks"],
+    }
+    user = f"Request: {query[:600]}\nPhrases: {listing}"
+    return GenericizeRequest([{"role": "system", "content": _GENERICIZE_SYSTEM},
+                              {"role": "user", "content": user}], schema, cands)
+
+
+@dataclass
+class GenericizeOutcome:
+    """Parsed result for one query: a template, or the reason there is none."""
+
+    template: Optional[str]
+    compatible_document_description: Optional[str]
+    reason: Optional[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def _load_json(text: Optional[str]) -> Any:
+    if text is None:
+        raise ValueError("no output")
+    text = text.strip()
+    if text.startswith("```"):
+        text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text)
+    return json.loads(text)
+
+
+def describe_documents(template: str, kinds: list[str]) -> str:
+    """The compatible document description code writes in decomposed mode (§3.1): what a
+    document must contain to fill the slots and answer the instruction."""
+    shown = templates.SLOT_RE.sub(lambda m: m.group(1).strip(), template)
+    about = " and ".join(dict.fromkeys(k.strip() for k in kinds if k.strip()))
+    return (f"A document about a specific {about} that gives enough detail to answer a request "
+            f"such as: {shown}")
+
+
+def parse_genericize(query: str, req: GenericizeRequest, output: Optional[str], mode: str) -> GenericizeOutcome:
+    """Turn model output into a validated template.
+
+    Direct mode reads the query_templatizer JSON. Decomposed mode reads ``{"picks": [{"n", "kind"}]}``,
+    replaces each picked span of the query by ``<fi>kind</fi>`` and writes the compatible document
+    description. Either way the template is checked by :func:`templates.validate_template`.
+
+    Returns:
+        :class:`GenericizeOutcome`; ``reason`` is one of ``unparseable_output``, ``bad_pick``,
+        or the validation reasons joined by ``;``.
+    """
+    try:
+        data = _load_json(output)
+    except (ValueError, json.JSONDecodeError):
+        return GenericizeOutcome(None, None, "unparseable_output")
+    if mode == "direct":
+        if not isinstance(data, dict):
+            return GenericizeOutcome(None, None, "unparseable_output")
+        tpl = str(data.get("template") or "").strip()
+        desc = str(data.get("compatible_document_description") or "").strip()
+    else:
+        picks = data.get("picks") if isinstance(data, dict) else None
+        if not isinstance(picks, list) or not picks:
+            return GenericizeOutcome(None, None, "unparseable_output")
+        chosen: dict[int, str] = {}
+        for p in picks:
+            try:
+                n = int(p["n"])
+                kind = re.sub(r"\s+", " ", str(p["kind"])).strip().strip(".")
+            except (KeyError, TypeError, ValueError):
+                return GenericizeOutcome(None, None, "unparseable_output")
+            if not 1 <= n <= len(req.candidates):
+                return GenericizeOutcome(None, None, "bad_pick")
+            if kind and n not in chosen:
+                chosen[n] = kind
+        if not chosen:
+            return GenericizeOutcome(None, None, "empty_slot_description")
+        spans = [(req.candidates[n - 1].text, kind) for n, kind in sorted(chosen.items())]
+        try:
+            tpl = templates.assemble_template(query, spans)
+        except ValueError as exc:
+            return GenericizeOutcome(None, None, f"bad_pick: {exc}")
+        desc = describe_documents(tpl, list(chosen.values()))
+    problems = templates.validate_template(tpl, desc, query)
+    if problems:
+        return GenericizeOutcome(tpl or None, desc or None, ";".join(problems))
+    return GenericizeOutcome(tpl, desc, None)
+
+
+# ----------------------------------------------------------------------------- instantiate
+
+DIRECT_INSTANTIATE_SCHEMA = {
+    "anyOf": [
+        {"type": "null"},
+        {"type": "object",
+         "properties": {"instruction": {"type": "string"}, "answer": {"type": "string"}},
+         "required": ["instruction", "answer"]},
+    ]
+}
+
+_INSTANTIATE_SYSTEM = (
+    "You write a realistic request about the document below by filling the blanks of a template "
+    "with words from the document, and you choose the sentences of the document that answer it. "
+    'If the document cannot answer the template, reply {"compatible":false}.'
+)
+
+
+@dataclass
+class InstantiateRequest:
+    """Messages and schema for one (document, template) pair plus the numbered sentences."""
+
+    messages: list[dict]
+    json_schema: Optional[dict]
+    sentences: list[Span] = field(default_factory=list)
+    slots: list[str] = field(default_factory=list)
+
+
+def instantiate_request(document: str, template: str, mode: str, max_document_chars: int,
+                        max_answer_sentences: int = 4) -> InstantiateRequest:
+    """Build the request for one pair, the document first so that requests for the same
+    document share a prefix (vLLM prefix caching / llama.cpp KV reuse, §3.3 cost note).
+
+    Raises:
+        ValueError: the template has no slot (it would have been rejected by genericize).
+    """
+    slots = templates.parse_slots(template)
+    if not slots:
+        raise ValueError("template has no <fi> slot")
+    doc = document[:max_document_chars]
+    if mode == "direct":
+        payload = json.dumps({"instruction_template": template, "document": doc}, ensure_ascii=False)
+        return InstantiateRequest([{"role": "user", "content": payload}], None, [], slots)
+    sents = split_sentences(doc, max_chars=max_document_chars) or [Span(doc, 0, len(doc))]
+    numbered = "\n".join(f"[{i}] {s.text}" for i, s in enumerate(sents, 1))
+    blanks = "\n".join(f"{i}. {d}" for i, d in enumerate(slots, 1))
+    nums = list(range(1, len(sents) + 1))
+    schema = {"anyOf": [
+        {"type": "object", "properties": {"compatible": {"const": False}}, "required": ["compatible"]},
+        {"type": "object", "properties": {
+            "fills": {"type": "array", "minItems": len(slots), "maxItems": len(slots),
+                      "items": {"type": "string", "minLength": 2, "maxLength": 48}},
+            "first": {"type": "integer", "enum": nums},
+            "last": {"type": "integer", "enum": nums}},
+         "required": ["fills", "first", "last"]},
+    ]}
+    messages = [
+        {"role": "system", "content": _INSTANTIATE_SYSTEM + "\n\nDocument:\n" + numbered},
+        {"role": "user", "content": f"Template: {template}\nBlanks:\n{blanks}\n"
+                                    f"Fill every blank and give the first and last answer sentence."},
+    ]
+    return InstantiateRequest(messages, schema, sents, slots)
+
+
+@dataclass
+class InstantiateOutcome:
+    """One pair's result. ``status``: ``ok``, ``null`` (incompatible, §3.3), ``excerpt_rejected``
+    (excerpted share below the minimum) or ``invalid`` (unusable output; ``reason`` says why)."""
+
+    status: str
+    instruction: Optional[str] = None
+    answer: Optional[str] = None
+    excerpt_ratio: Optional[float] = None
+    reason: Optional[str] = None
+    raw_answer: Optional[str] = None
+
+
+def parse_instantiate(document: str, template: str, req: InstantiateRequest, output: Optional[str],
+                      mode: str, min_excerpt_ratio: float, max_answer_sentences: int = 4) -> InstantiateOutcome:
+    """Turn model output into an instruction and an expanded, excerpt-checked answer.
+
+    The answer's ``<excerpt>`` pointers are expanded against the document (only a pointer that
+    matches exactly one span expands, :func:`excerpts.expand_excerpts`), its excerpted share is
+    computed, and a share below ``min_excerpt_ratio`` gives ``excerpt_rejected`` (§3.3). In
+    decomposed mode the pointer is built by code from the chosen sentence range.
+    """
+    try:
+        data = _load_json(output)
+    except (ValueError, json.JSONDecodeError):
+        return InstantiateOutcome("invalid", reason="unparseable_output")
+    if data is None or (isinstance(data, dict) and data.get("compatible") is False):
+        return InstantiateOutcome("null", reason="incompatible_template")
+    if not isinstance(data, dict):
+        return InstantiateOutcome("invalid", reason="unparseable_output")
+    if mode == "direct":
+        instruction = str(data.get("instruction") or "").strip()
+        raw_answer = str(data.get("answer") or "").strip()
+    else:
+        fills = data.get("fills")
+        try:
+            first, last = int(data["first"]), int(data["last"])
+        except (KeyError, TypeError, ValueError):
+            return InstantiateOutcome("invalid", reason="unparseable_output")
+        if not isinstance(fills, list) or len(fills) != len(req.slots):
+            return InstantiateOutcome("invalid", reason="wrong_number_of_fills")
+        fills = [re.sub(r"\s+", " ", str(f)).strip() for f in fills]
+        if any(not f or "<fi>" in f or "</fi>" in f for f in fills):
+            return InstantiateOutcome("invalid", reason="empty_fill")
+        if not (1 <= first <= len(req.sentences) and 1 <= last <= len(req.sentences)):
+            return InstantiateOutcome("invalid", reason="sentence_out_of_range")
+        first, last = min(first, last), max(first, last)
+        last = min(last, first + max_answer_sentences - 1)
+        instruction = templates.fill_template(template, fills)
+        span = document[req.sentences[first - 1].start:req.sentences[last - 1].end]
+        raw_answer = excerpts.make_excerpt_pointer(span, document=document)
+    if not instruction or not raw_answer:
+        return InstantiateOutcome("invalid", reason="empty_instruction_or_answer")
+    if templates.unfilled_slots(instruction):
+        return InstantiateOutcome("invalid", instruction=instruction, reason="unfilled_slot")
+    expanded = excerpts.expand_excerpts(raw_answer, document)
+    answer = expanded.text.strip()
+    if expanded.failures:
+        reasons = sorted({f.reason if hasattr(f, "reason") else str(f) for f in expanded.failures})
+        return InstantiateOutcome("excerpt_rejected", instruction, answer, expanded.excerpt_ratio,
+                                  "excerpt_pointer_" + "+".join(reasons), raw_answer)
+    if expanded.excerpt_ratio < min_excerpt_ratio:
+        return InstantiateOutcome("excerpt_rejected", instruction, answer, expanded.excerpt_ratio,
+                                  f"excerpt_ratio<{min_excerpt_ratio}", raw_answer)
+    return InstantiateOutcome("ok", instruction, answer, expanded.excerpt_ratio, None, raw_answer)

@@ -1,0 +1,160 @@
+"""genericize: ``queries`` -> ``genericizations`` (one row per query) -> ``templates`` (§3.1).
+
+Each query is turned into an instruction template with ``<fi>description</fi>`` slots and a
+compatible document description by the configured generator, under constrained JSON decoding
+(see :mod:`finelake.method.prompts` for the ``direct`` and ``decomposed`` modes). Every query gets a
+row in ``genericizations``: status ``ok`` with its template, or ``invalid`` / ``no_candidate_span`` /
+``error`` with the reason. Valid templates are merged by content id into ``templates``, keeping the
+ids and the count of the queries that gave them.
+
+Work is committed in chunks of ``genericize.chunk_rows`` queries; a rerun skips queries that
+already have a row, so a killed run resumes where it stopped.
+
+    spark-submit jobs/genericize.py --conf conf/local.yaml [--max-queries N]
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Iterator
+
+import pandas as pd
+
+from finelake.jobs.common import fail_point, limit_ordered, model_label, model_spec, require
+from finelake.method import prompts, templates
+from finelake.runtime import StageContext, StageStats
+from finelake.tables import GENERICIZATIONS, QUERIES, TEMPLATES
+
+STAGE = "genericize"
+
+
+def genericize_partition(batches: Iterator[pd.DataFrame], spec: dict, mode: str, max_slots: int,
+                         prompt_version: str) -> Iterator[pd.DataFrame]:
+    """Executor side: queries (query_id, query) in, ``genericizations`` rows out.
+
+    The model is reached through :func:`finelake.udfs.generation.generate_frame` (loaded once per
+    Python worker). A failed generation gives status ``error`` for that row only.
+    """
+    from finelake.udfs.generation import generate_frame
+
+    label = model_label(spec)
+    for pdf in batches:
+        reqs = [prompts.genericize_request(q, mode, max_slots) for q in pdf["query"]]
+        todo = [i for i, r in enumerate(reqs) if r is not None]
+        gen = generate_frame(spec, pd.DataFrame({
+            "messages": [json.dumps(reqs[i].messages, ensure_ascii=False) for i in todo],
+            "json_schema": [json.dumps(reqs[i].json_schema) for i in todo],
+            "max_tokens": [spec.get("max_tokens")] * len(todo),
+        })) if todo else None
+        out = {i: None for i in range(len(pdf))}
+        for j, i in enumerate(todo):
+            out[i] = gen.iloc[j]
+        rows = []
+        for i, (qid, q) in enumerate(zip(pdf["query_id"], pdf["query"])):
+            base = {"query_id": qid, "model_id": label, "prompt_version": prompt_version}
+            g = out[i]
+            if reqs[i] is None:
+                rows.append({**base, "status": "invalid", "reason": "no_candidate_span"})
+                continue
+            if g is None or (isinstance(g["error"], str) and g["error"]):
+                rows.append({**base, "status": "error", "reason": f"generation_error: {g['error'] if g is not None else 'missing'}"})
+                continue
+            res = prompts.parse_genericize(q, reqs[i], g["text"], mode)
+            row = {**base, "raw_output": g["text"], "template": res.template,
+                   "compatible_document_description": res.compatible_document_description}
+            if res.ok:
+                row.update(status="ok", template_id=templates.template_id(res.template),
+                           num_slots=templates.num_slots(res.template))
+            else:
+                row.update(status="invalid", reason=res.reason)
+            rows.append(row)
+        yield pd.DataFrame(rows, columns=[c for c in GENERICIZATIONS.columns if c != "run_id"])
+
+
+def _spark_schema(tdef, drop=("run_id",)):
+    from pyspark.sql.pandas.types import from_arrow_schema
+    import pyarrow as pa
+
+    return from_arrow_schema(pa.schema([f for f in tdef.schema if f.name not in drop]))
+
+
+def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
+    """Genericize the (first ``max_queries``, by id) queries that have no row yet, then rebuild
+    ``templates`` from all ``ok`` rows.
+
+    Returns:
+        Stats: rows_in = queries considered, rows_out = valid templates this run, dropped by
+        reason, skipped = queries already genericized.
+
+    Raises:
+        FinelakeError: ``queries`` does not exist (run ``finelake ingest``).
+    """
+    from pyspark.sql import functions as F
+
+    cfg, lake = ctx.cfg, ctx.lake
+    gcfg = cfg.genericize
+    stats = StageStats(STAGE)
+    n = max_queries or cfg.run.max_queries
+    queries = limit_ordered(require(ctx, QUERIES, "ingest").select("query_id", "query"), "query_id", n)
+    queries = queries.cache()
+    stats.rows_in = queries.count()
+    if lake.exists(GENERICIZATIONS):
+        done = lake.read(GENERICIZATIONS).select("query_id")
+        pending = queries.join(done, "query_id", "left_anti")
+    else:
+        pending = queries
+    pending = pending.cache()
+    n_pending = pending.count()
+    stats.skipped = stats.rows_in - n_pending
+    spec = model_spec(gcfg.model or cfg.models.generator)
+    fn = functools.partial(genericize_partition, spec=spec, mode=gcfg.mode, max_slots=gcfg.max_slots,
+                           prompt_version=gcfg.prompt_version)
+    n_chunks = max(1, math.ceil(n_pending / gcfg.chunk_rows)) if n_pending else 0
+    parallelism = ctx.spark.sparkContext.defaultParallelism
+    schema = _spark_schema(GENERICIZATIONS)
+    bucketed = pending.withColumn("_chunk", F.abs(F.xxhash64("query_id")) % F.lit(max(n_chunks, 1)))
+    for c in range(n_chunks):
+        part = bucketed.where(F.col("_chunk") == c).drop("_chunk").repartition(parallelism)
+        out = part.mapInPandas(fn, schema)
+        lake.merge(GENERICIZATIONS, out, ctx.run_id)
+        fail_point(STAGE, c + 1)
+    queries.unpersist()
+    pending.unpersist()
+
+    # Account for every query of this run, then rebuild the merged templates.
+    gen = lake.read(GENERICIZATIONS).join(queries.select("query_id"), "query_id", "left_semi")
+    for r in gen.groupBy("status", "reason").count().collect():
+        if r["status"] == "ok":
+            stats.rows_out += r["count"]
+        else:
+            stats.drop(f"{r['status']}:{(r['reason'] or '').split(':')[0]}", r["count"])
+    ok = lake.read(GENERICIZATIONS).where("status = 'ok'")
+    merged = (ok.groupBy("template_id").agg(
+        F.first("template").alias("template"),
+        F.first("compatible_document_description").alias("compatible_document_description"),
+        F.first("num_slots").alias("num_slots"),
+        F.sort_array(F.collect_list("query_id")).alias("source_query_ids"),
+        F.count("*").alias("source_count"),
+        F.first("model_id").alias("model_id"),
+        F.first("prompt_version").alias("prompt_version"),
+    ))
+    lake.merge(TEMPLATES, merged, ctx.run_id, update=True,
+               update_when="t.source_count <> s.source_count")
+    stats.extra["templates"] = lake.read(TEMPLATES).count()
+    stats.extra["valid_share"] = f"{stats.rows_out / stats.rows_in:.3f}" if stats.rows_in else "n/a"
+    lake.register(GENERICIZATIONS)
+    lake.register(TEMPLATES)
+    return stats.finish()
+
+
+def main(argv=None):
+    from finelake.cli import main as cli_main
+    import sys
+
+    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

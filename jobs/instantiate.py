@@ -1,0 +1,143 @@
+"""instantiate: ``matches`` -> ``instantiations`` (§3.3).
+
+For each (document, template) match the generator fills the template's slots from the document
+and answers mostly by excerpt: ``<excerpt>start<...>end</excerpt>`` pointers are expanded in code
+only where they match exactly one span of the document, the excerpted share of the answer is
+computed, and pairs under ``instantiate.min_excerpt_ratio`` (0.8) are kept as ``excerpt_rejected``
+with that reason. An incompatible pair is recorded as ``null``, not forced. Every match gets one
+row: ``ok``, ``null``, ``excerpt_rejected``, ``invalid`` or ``error``.
+
+Requests are grouped by document and the document comes first in the prompt, so requests for
+the same document share their prefix (vLLM prefix caching; llama.cpp KV-cache reuse). Work is
+committed ``instantiate.chunk_documents`` documents at a time; a rerun skips finished pairs, so a
+killed run resumes and ends with the same rows as an uninterrupted one (greedy decoding).
+
+    spark-submit jobs/instantiate.py --conf conf/local.yaml
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Iterator
+
+import pandas as pd
+
+from finelake.jobs.common import fail_point, model_label, model_spec, require, stable_hash
+from finelake.method import prompts
+from finelake.runtime import StageContext, StageStats
+from finelake.tables import DOCUMENTS, INSTANTIATIONS, MATCHES, TEMPLATES
+
+STAGE = "instantiate"
+
+
+def pair_key(doc_id: str, template_id: str) -> str:
+    """The id of a (document, template) pair across instantiations, judgments and pairs."""
+    return stable_hash(doc_id, template_id, n=20)
+
+
+def instantiate_partition(batches: Iterator[pd.DataFrame], spec: dict, mode: str,
+                          max_document_chars: int, min_excerpt_ratio: float,
+                          max_answer_sentences: int, prompt_version: str) -> Iterator[pd.DataFrame]:
+    """Executor side: (doc_id, template_id, text, template) rows, grouped by document, in;
+    ``instantiations`` rows out. The model is reached through the UDF layer (once per worker)."""
+    from finelake.udfs.generation import generate_frame
+
+    label = model_label(spec)
+    cols = [c for c in INSTANTIATIONS.columns if c != "run_id"]
+    for pdf in batches:
+        if pdf.empty:
+            continue
+        reqs = [prompts.instantiate_request(d, t, mode, max_document_chars, max_answer_sentences)
+                for d, t in zip(pdf["text"], pdf["template"])]
+        gen = generate_frame(spec, pd.DataFrame({
+            "messages": [json.dumps(r.messages, ensure_ascii=False) for r in reqs],
+            "json_schema": [json.dumps(r.json_schema) if r.json_schema else None for r in reqs],
+            "max_tokens": [spec.get("max_tokens")] * len(reqs),
+        }))
+        rows = []
+        for i, r in enumerate(reqs):
+            doc_id, tid, doc, tpl = (pdf["doc_id"].iloc[i], pdf["template_id"].iloc[i],
+                                     pdf["text"].iloc[i], pdf["template"].iloc[i])
+            base = {"pair_key": pair_key(doc_id, tid), "doc_id": doc_id, "template_id": tid,
+                    "model_id": label, "prompt_version": prompt_version}
+            g = gen.iloc[i]
+            if isinstance(g["error"], str) and g["error"]:
+                rows.append({**base, "status": "error", "reason": f"generation_error: {g['error']}"})
+                continue
+            o = prompts.parse_instantiate(doc, tpl, r, g["text"], mode, min_excerpt_ratio,
+                                          max_answer_sentences)
+            rows.append({**base, "status": o.status, "instruction": o.instruction, "answer": o.answer,
+                         "excerpt_ratio": o.excerpt_ratio, "reason": o.reason,
+                         "raw_output": g["text"]})
+        yield pd.DataFrame(rows, columns=cols)
+
+
+def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
+    """Instantiate every match that has no ``instantiations`` row yet (documents limited as in
+    ``match``).
+
+    Raises:
+        FinelakeError: matches, documents or templates missing.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+    import pyarrow as pa
+
+    cfg, lake = ctx.cfg, ctx.lake
+    ic = cfg.instantiate
+    stats = StageStats(STAGE)
+    matches = require(ctx, MATCHES, "match").select("doc_id", "template_id", "sample_rank")
+    n = max_documents or cfg.run.max_documents
+    if n:
+        keep = require(ctx, DOCUMENTS, "ingest").select("doc_id").orderBy("doc_id").limit(n)
+        matches = matches.join(keep, "doc_id", "left_semi")
+    matches = matches.withColumn("pair_key", F.substring(F.sha1(F.concat_ws("\u0000", "doc_id", "template_id")), 1, 20)).cache()
+    stats.rows_in = matches.count()
+    pending = matches
+    if lake.exists(INSTANTIATIONS):
+        pending = matches.join(lake.read(INSTANTIATIONS).select("pair_key"), "pair_key", "left_anti")
+    work = (pending.join(lake.read(DOCUMENTS).select("doc_id", "text"), "doc_id")
+            .join(lake.read(TEMPLATES).select("template_id", "template"), "template_id")
+            .drop("pair_key")).cache()
+    n_pending = work.count()
+    stats.skipped = stats.rows_in - n_pending
+    n_docs = work.select("doc_id").distinct().count()
+    n_chunks = max(1, math.ceil(n_docs / ic.chunk_documents)) if n_pending else 0
+    spec = model_spec(ic.model or cfg.models.generator)
+    fn = functools.partial(instantiate_partition, spec=spec, mode=ic.mode,
+                           max_document_chars=ic.max_document_chars,
+                           min_excerpt_ratio=ic.min_excerpt_ratio,
+                           max_answer_sentences=ic.max_answer_sentences,
+                           prompt_version=ic.prompt_version)
+    schema = from_arrow_schema(pa.schema([f for f in INSTANTIATIONS.schema if f.name != "run_id"]))
+    par = ctx.spark.sparkContext.defaultParallelism
+    bucketed = work.withColumn("_chunk", F.abs(F.xxhash64("doc_id")) % F.lit(max(n_chunks, 1)))
+    for c in range(n_chunks):
+        part = (bucketed.where(F.col("_chunk") == c).drop("_chunk")
+                .repartition(par, "doc_id").sortWithinPartitions("doc_id", "sample_rank"))
+        lake.merge(INSTANTIATIONS, part.mapInPandas(fn, schema), ctx.run_id)
+        fail_point(STAGE, c + 1)
+    work.unpersist()
+    rows = lake.read(INSTANTIATIONS).join(matches.select("pair_key"), "pair_key", "left_semi")
+    for r in rows.groupBy("status", "reason").count().collect():
+        if r["status"] == "ok":
+            stats.rows_out += r["count"]
+        else:
+            stats.drop(f"{r['status']}:{(r['reason'] or '').split(':')[0]}", r["count"])
+    matches.unpersist()
+    lake.register(INSTANTIATIONS)
+    return stats.finish()
+
+
+def main(argv=None):
+    import sys
+
+    from finelake.cli import main as cli_main
+
+    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""judge: ``instantiations`` (status ok) -> ``judgments`` (§3.4).
+
+Each instantiated pair is scored 1-5 with the rubric of :mod:`finelake.method.judging`; pairs under
+``judge.min_score`` (4) are marked ``kept = false``. Scores and reasons stay in ``judgments`` so a
+user can ask in SQL why pairs were dropped::
+
+    finelake sql "SELECT judge_score, count(*) FROM finelake.judgments GROUP BY 1 ORDER BY 1"
+
+    spark-submit jobs/judge.py --conf conf/local.yaml
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import pandas as pd
+
+from finelake.jobs.common import require
+from finelake.runtime import StageContext, StageStats
+from finelake.tables import INSTANTIATIONS, JUDGMENTS
+
+STAGE = "judge"
+
+
+def judge_partition(batches: Iterator[pd.DataFrame], spec: dict, min_score: int,
+                    prompt_version: str) -> Iterator[pd.DataFrame]:
+    """Executor side: (pair_key, doc_id, template_id, instruction, answer) in, ``judgments`` rows out."""
+    from finelake.udfs.judge import judge_frame
+
+    cols = [c for c in JUDGMENTS.columns if c != "run_id"]
+    for pdf in batches:
+        if pdf.empty:
+            continue
+        j = judge_frame(spec, pdf)
+        out = pdf[["pair_key", "doc_id", "template_id"]].reset_index(drop=True).copy()
+        out["judge_score"] = j["judge_score"].astype("Int32")
+        out["judge_reason"] = j["judge_reason"]
+        out["kept"] = [bool(s is not None and not pd.isna(s) and int(s) >= min_score) for s in j["judge_score"]]
+        out["judge_model"] = j["judge_model"]
+        out["prompt_version"] = prompt_version
+        yield out[cols]
+
+
+def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
+    """Judge every ok instantiation without a judgment yet.
+
+    Raises:
+        FinelakeError: ``instantiations`` missing (run ``finelake instantiate``).
+    """
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    cfg, lake = ctx.cfg, ctx.lake
+    stats = StageStats(STAGE)
+    ok = (require(ctx, INSTANTIATIONS, "instantiate").where("status = 'ok'")
+          .select("pair_key", "doc_id", "template_id", "instruction", "answer")).cache()
+    stats.rows_in = ok.count()
+    pending = ok
+    if lake.exists(JUDGMENTS):
+        pending = ok.join(lake.read(JUDGMENTS).select("pair_key"), "pair_key", "left_anti")
+    n_pending = pending.count()
+    stats.skipped = stats.rows_in - n_pending
+    if n_pending:
+        spec = cfg.models.judge.model_dump()
+        fn = functools.partial(judge_partition, spec=spec, min_score=cfg.judge.min_score,
+                               prompt_version=cfg.judge.prompt_version)
+        schema = from_arrow_schema(pa.schema([f for f in JUDGMENTS.schema if f.name != "run_id"]))
+        par = ctx.spark.sparkContext.defaultParallelism
+        lake.merge(JUDGMENTS, pending.repartition(par).mapInPandas(fn, schema), ctx.run_id)
+    j = lake.read(JUDGMENTS).join(ok.select("pair_key"), "pair_key", "left_semi")
+    for r in j.groupBy("kept").count().collect():
+        if r["kept"]:
+            stats.rows_out += r["count"]
+        else:
+            stats.drop(f"judge_score<{cfg.judge.min_score}", r["count"])
+    dist = {int(r["judge_score"]) if r["judge_score"] is not None else None: r["count"]
+            for r in j.groupBy("judge_score").count().collect()}
+    stats.extra["scores"] = "{" + ", ".join(f"{k}:{v}" for k, v in sorted(dist.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))) + "}"
+    ok.unpersist()
+    lake.register(JUDGMENTS)
+    return stats.finish()
+
+
+def main(argv=None):
+    import sys
+
+    from finelake.cli import main as cli_main
+
+    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

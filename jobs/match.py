@@ -1,0 +1,207 @@
+"""match: ``documents`` -> ``matches`` and ``match_log`` (§3.2, Appendix B).
+
+Per document: K+1 Gaussian-pooled embeddings (global + K chunks), a FAISS search for each, the
+templates whose cosine reaches the embedding model's threshold become candidates (best score and
+the chunk index that found it kept per template). Then, per document, a seeded, deterministic
+weighted sample without replacement of up to ``match.templates_per_doc`` templates, the weight of
+a template depending on its complexity (number of slots) so that the kept templates' complexity
+follows that of the templates derived from the real queries (§3.2).
+
+Every processed document gets a ``match_log`` row (also with zero candidates), so a rerun skips
+it and the funnel accounts for it.
+
+    spark-submit jobs/match.py --conf conf/local.yaml [--max-documents N]
+    finelake calibrate        # cosine distribution, to choose a threshold for another model
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from finelake.jobs.common import limit_ordered, model_label, require
+from finelake.jobs.index import latest_index
+from finelake.runtime import FinelakeError, StageContext, StageStats
+from finelake.tables import DOCUMENTS, GENERICIZATIONS, MATCH_LOG, MATCHES, TEMPLATES
+
+STAGE = "match"
+
+
+def threshold_for(cfg) -> float:
+    """The cosine threshold configured for the embedding model (``match.thresholds``), else the
+    default (0.865, the paper's value for its fine-tuned BGE-M3)."""
+    return float(cfg.match.thresholds.get(cfg.models.embedder.model, cfg.match.default_threshold))
+
+
+def candidates_partition(batches: Iterator[pd.DataFrame], embedder: dict, index_path: str,
+                         chunks: int, sigma: float, alpha: float, top_k: int,
+                         threshold: float) -> Iterator[pd.DataFrame]:
+    """Executor side: documents (doc_id, text) in, candidate rows out (doc_id, template_id,
+    chunk_index, score). A document with no candidate yields a row with null template_id."""
+    from finelake.udfs.embedding import embed_frame
+    from finelake.udfs.index import search_pooled
+
+    for pdf in batches:
+        emb = embed_frame(embedder, pdf[["doc_id", "text"]], "text", pooled=True, chunks=chunks,
+                          sigma=sigma, alpha=alpha)
+        rows = []
+        for doc_id, pooled in zip(emb["doc_id"], emb["embedding"]):
+            found = search_pooled(index_path, embedder["model"], pooled, top_k, threshold)
+            if not found:
+                rows.append({"doc_id": doc_id, "template_id": None, "chunk_index": None, "score": None})
+            rows.extend({"doc_id": doc_id, **c} for c in found)
+        yield pd.DataFrame(rows, columns=["doc_id", "template_id", "chunk_index", "score"])
+
+
+def sample_group(pdf: pd.DataFrame, weights: dict, n: int, seed: int) -> pd.DataFrame:
+    """One document's candidates -> its sampled matches with ``sample_rank`` (0 = first drawn)."""
+    from finelake.method.sampling import Candidate, sample_templates
+
+    cands = [Candidate(t, int(k), float(s), int(c)) for t, k, s, c in
+             zip(pdf["template_id"], pdf["num_slots"], pdf["score"], pdf["chunk_index"])]
+    doc_id = pdf["doc_id"].iloc[0]
+    picked = sample_templates(cands, weights, n=n, seed=seed, key=doc_id)
+    return pd.DataFrame({"doc_id": [doc_id] * len(picked),
+                         "template_id": [c.template_id for c in picked],
+                         "chunk_index": [c.chunk_index for c in picked],
+                         "score": [c.score for c in picked],
+                         "num_slots": [c.num_slots for c in picked],
+                         "sample_rank": list(range(len(picked)))})
+
+
+def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
+    """Match the (first ``max_documents``, by id) documents without a ``match_log`` row.
+
+    Raises:
+        FinelakeError: documents or templates missing, or no index built.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from finelake.method.sampling import complexity_weights
+
+    cfg, lake = ctx.cfg, ctx.lake
+    mc = cfg.match
+    stats = StageStats(STAGE)
+    idx = latest_index(cfg.lake)
+    if idx["embedding_model"] != cfg.models.embedder.model:
+        raise FinelakeError(f"the index was built with {idx['embedding_model']}, the profile embeds "
+                            f"with {cfg.models.embedder.model}: run 'finelake index' again")
+    threshold = threshold_for(cfg)
+    n = max_documents or cfg.run.max_documents
+    docs = limit_ordered(require(ctx, DOCUMENTS, "ingest").select("doc_id", "text"), "doc_id", n).cache()
+    stats.rows_in = docs.count()
+    pending = docs
+    if lake.exists(MATCH_LOG):
+        pending = docs.join(lake.read(MATCH_LOG).select("doc_id"), "doc_id", "left_anti")
+    pending = pending.cache()
+    n_pending = pending.count()
+    stats.skipped = stats.rows_in - n_pending
+
+    templates = require(ctx, TEMPLATES, "genericize").select("template_id", "num_slots")
+    if n_pending:
+        emb_spec = cfg.models.embedder.model_dump()
+        fn = functools.partial(candidates_partition, embedder=emb_spec, index_path=idx["path"],
+                               chunks=mc.chunks, sigma=mc.sigma, alpha=mc.alpha, top_k=mc.top_k,
+                               threshold=threshold)
+        schema = T.StructType([T.StructField("doc_id", T.StringType()),
+                               T.StructField("template_id", T.StringType()),
+                               T.StructField("chunk_index", T.IntegerType()),
+                               T.StructField("score", T.DoubleType())])
+        par = ctx.spark.sparkContext.defaultParallelism
+        cands = pending.repartition(par).mapInPandas(fn, schema).cache()
+        found = cands.where("template_id IS NOT NULL").join(templates, "template_id")
+
+        # Complexity weights (§3.2): target = templates from real queries (one per query),
+        # pool = this run's candidates.
+        target = {int(r["num_slots"]): int(r["count"]) for r in
+                  lake.read(GENERICIZATIONS).where("status = 'ok'").groupBy("num_slots").count().collect()}
+        pool = {int(r["num_slots"]): int(r["count"]) for r in found.groupBy("num_slots").count().collect()}
+        weights = complexity_weights(target, pool) if pool else {}
+        stats.extra["weights"] = "{" + ", ".join(f"{k}:{v:.2f}" for k, v in sorted(weights.items())) + "}"
+
+        out_schema = T.StructType([T.StructField("doc_id", T.StringType()),
+                                   T.StructField("template_id", T.StringType()),
+                                   T.StructField("chunk_index", T.IntegerType()),
+                                   T.StructField("score", T.DoubleType()),
+                                   T.StructField("num_slots", T.IntegerType()),
+                                   T.StructField("sample_rank", T.IntegerType())])
+        sampled = found.groupBy("doc_id").applyInPandas(
+            functools.partial(sample_group, weights=weights, n=mc.templates_per_doc, seed=mc.seed),
+            out_schema)
+        sampled = (sampled.withColumn("embedding_model", F.lit(cfg.models.embedder.model))
+                   .withColumn("index_version", F.lit(idx["version"])))
+        lake.merge(MATCHES, sampled, ctx.run_id)
+        counts = (cands.groupBy("doc_id").agg(F.count("template_id").cast("int").alias("candidates"))
+                  .join(sampled.groupBy("doc_id").agg(F.count("*").cast("int").alias("sampled")),
+                        "doc_id", "left")
+                  .fillna(0, ["sampled"])
+                  .withColumn("threshold", F.lit(threshold))
+                  .withColumn("embedding_model", F.lit(cfg.models.embedder.model))
+                  .withColumn("index_version", F.lit(idx["version"])))
+        lake.merge(MATCH_LOG, counts, ctx.run_id)
+        cands.unpersist()
+    log_rows = lake.read(MATCH_LOG).join(docs.select("doc_id"), "doc_id", "left_semi")
+    agg = log_rows.agg(F.sum("candidates").alias("c"), F.sum("sampled").alias("s"),
+                       F.sum(F.when(F.col("candidates") == 0, 1).otherwise(0)).alias("z")).collect()[0]
+    stats.rows_out = int(agg["s"] or 0)
+    stats.drop("no_candidate_above_threshold", int(agg["z"] or 0))
+    stats.extra.update(candidates=int(agg["c"] or 0), threshold=threshold)
+    docs.unpersist()
+    pending.unpersist()
+    lake.register(MATCHES)
+    lake.register(MATCH_LOG)
+    return stats.finish()
+
+
+def calibrate(ctx: StageContext, n: int = 200) -> str:
+    """Score distribution of each document's best template (over its K+1 embeddings) on ``n``
+    documents, to choose ``match.thresholds[<embedding model>]`` for a model other than the paper's.
+
+    Returns:
+        A printable table of quantiles and of the share of documents with at least one candidate
+        at several thresholds.
+    """
+    cfg = ctx.cfg
+    idx = latest_index(cfg.lake)
+    docs = limit_ordered(require(ctx, DOCUMENTS, "ingest").select("doc_id", "text"), "doc_id", n)
+    fn = functools.partial(candidates_partition, embedder=cfg.models.embedder.model_dump(),
+                           index_path=idx["path"], chunks=cfg.match.chunks, sigma=cfg.match.sigma,
+                           alpha=cfg.match.alpha, top_k=cfg.match.top_k, threshold=-1.0)
+    from pyspark.sql import types as T
+
+    schema = T.StructType([T.StructField("doc_id", T.StringType()),
+                           T.StructField("template_id", T.StringType()),
+                           T.StructField("chunk_index", T.IntegerType()),
+                           T.StructField("score", T.DoubleType())])
+    pdf = docs.mapInPandas(fn, schema).toPandas()
+    best = pdf.groupby("doc_id")["score"].max().to_numpy()
+    all_scores = pdf["score"].to_numpy()
+    qs = [0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
+    lines = [f"embedding model: {cfg.models.embedder.model}   documents: {len(best)}   "
+             f"current threshold: {threshold_for(cfg)}",
+             "quantile   best-per-doc   all top-k scores"]
+    for q in qs:
+        lines.append(f"  {q:>5.2f}   {np.quantile(best, q):>12.3f}   {np.quantile(all_scores, q):>16.3f}")
+    lines.append("threshold  docs with >=1 candidate  mean candidates/doc")
+    per_doc = pdf.groupby("doc_id")["score"]
+    for t in np.round(np.quantile(all_scores, [0.5, 0.75, 0.9, 0.95, 0.99]), 3):
+        share = float((best >= t).mean())
+        mean_c = float(per_doc.apply(lambda s: (s >= t).sum()).mean())
+        lines.append(f"  {t:>7.3f}  {share:>22.2%}  {mean_c:>19.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import sys
+
+    from finelake.cli import main as cli_main
+
+    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()
