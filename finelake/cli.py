@@ -5,7 +5,7 @@ key.path=value`` overrides, ``--lake DIR`` and ``--run-id``. The same commands r
 ``spark-submit jobs/<job>.py --conf conf/<profile>.yaml ...``.
 
 Errors a user can cause (a missing file, a bad config, an unreadable table) end with one line on
-stderr and exit status 2, never a Java stack trace; ``-v`` shows tracebacks.
+stderr and exit status 1, never a Java stack trace; ``-v`` shows tracebacks.
 """
 
 from __future__ import annotations
