@@ -72,6 +72,25 @@ def test_batching_and_sorting_do_not_change_results(emb):
     np.testing.assert_allclose(together[::4], alone, atol=2e-5)
 
 
+def test_token_budget_splits_batches_without_changing_results(emb):
+    texts = _docs(12, start=80)
+    lengths = sorted(emb.token_lengths(texts), reverse=True)
+    expected, i = 0, 0
+    while i < len(lengths):  # independent count: <= 4 texts and <= 300 padded tokens per batch
+        size = max(1, min(4, 300 // lengths[i]))
+        expected, i = expected + 1, i + size
+    unbudgeted = emb.embed_pooled(texts, 5, 0.05, 1.0)
+    old = emb.max_batch_tokens
+    emb.max_batch_tokens = 300
+    try:
+        before = emb.stats["batches"]
+        budgeted = emb.embed_pooled(texts, 5, 0.05, 1.0)
+        assert emb.stats["batches"] - before == expected > 3
+    finally:
+        emb.max_batch_tokens = old
+    np.testing.assert_allclose(budgeted, unbudgeted, atol=2e-5)
+
+
 def test_chunks_follow_document_order(emb):
     """Two unrelated documents glued together, A then B: the chunks near the start lean towards A
     and the chunks near the end towards B (what Gaussian pooling is for, §3.2). all-MiniLM-L6-v2 is
@@ -113,6 +132,9 @@ def test_config_errors():
     with pytest.raises(TypeError, match="unknown options"):
         create_embedder({"backend": "sentence_transformers", "model": MODEL,
                          "options": {"max_seq_len": 128}})
+    with pytest.raises(ValueError, match="max_seq_length"):
+        create_embedder({"backend": "sentence_transformers", "model": MODEL,
+                         "options": {"max_seq_length": 4096}})
     with pytest.raises(ValueError, match="dtype"):
         create_embedder({"backend": "sentence_transformers", "model": MODEL,
                          "options": {"dtype": "int3"}})

@@ -1,0 +1,363 @@
+"""Throughput of Gaussian-pooled embedding, in Python and through Spark, against the machine's peak.
+
+Run:  python benchmarks/bench_embedding.py            (1,000 sample documents, ~2-4 minutes)
+      python benchmarks/bench_embedding.py --docs 200 --no-spark
+
+What it prints (one table):
+
+* the machine: CPU model, cores, ISA (AVX2 / AVX-512 / AVX-512-BF16), load average before and after
+  (the figures are only as good as the machine was quiet);
+* the fp32 matmul rate of this machine: a large torch matmul on all cores (GFLOP/s, best of several),
+  measured before and after the runs; the larger of the two is the reference;
+* the encoder's forward FLOPs, counted from the model config: per layer and token
+  ``8h² + 4hi`` (Q, K, V, O projections and the two FFN matmuls; 2 FLOPs per multiply-add) plus
+  ``4hT`` for attention (QKᵀ and AV) at sequence length T; embeddings, LayerNorm, softmax, GELU
+  and pooling are not counted. FLOPs are counted on real tokens only (padding is waste, not work);
+* documents/s and tokens/s of ``embed_pooled(K=5, σ=0.05, α=1)`` over the sample documents
+  (400-4,000 characters, truncated at max_seq_length tokens), called directly in this process
+  and through Spark (``mapInPandas`` via ``finelake.udfs.embedding.map_embeddings``, ``local[N]``,
+  one torch thread per task) on the same rows, after a warm-up job that loads the model in every
+  worker (the first job pays torch's cold import, 8-13 s per worker);
+* Spark/direct wall-time ratio (target <= 1.10), achieved GFLOP/s and its fraction of the matmul
+  rate (target >= 0.5 through Spark), peak RSS of this process, of the Spark workers, and of the JVM;
+* the same in CPU time (process user+system seconds: this process for the direct run, the Python
+  workers plus the JVM for Spark, read from /proc), compared with a one-thread matmul per CPU-second.
+  On a shared machine wall-clock rates drop with the load; work per CPU-second barely does, so the
+  CPU-time columns are the ones to compare between runs (OpenMP spin-waiting does count as CPU time);
+* unless --no-bf16: the direct run again in bfloat16 (this EPYC has AVX-512 BF16; on a CPU without
+  it bf16 is slower) and the cosine between its vectors and the fp32 ones.
+
+Never reads outside the repository; the model is the embedded all-MiniLM-L6-v2 unless --model says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "sample" / "documents.jsonl"
+K, SIGMA, ALPHA = 5, 0.05, 1.0
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("?", "", "x86_64"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "cores": cores, "isa": ",".join(isa) or "?"}
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def matmul_gflops(threads: int, n: int = 2048, dtype: str = "float32", seconds: float = 2.0) -> float:
+    """Best GFLOP/s of ``n x n @ n x n`` over ~``seconds`` (2n³ FLOPs per product)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dt = getattr(torch, dtype)
+        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        c = torch.empty(n, n, dtype=dt)
+        torch.matmul(a, b, out=c)  # warm-up
+        best, t_end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            torch.matmul(a, b, out=c)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(old)
+
+
+def matmul_gflops_per_cpu_s(n: int = 2048, dtype: str = "float32", reps: int = 4) -> float:
+    """One-thread matmul GFLOP per CPU-second (load-independent peak of one core)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dt = getattr(torch, dtype)
+        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        torch.matmul(a, b)
+        c0 = time.process_time()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        return reps * 2 * n ** 3 / (time.process_time() - c0) / 1e9
+    finally:
+        torch.set_num_threads(old)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, from /proc (NaN if unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def rss_mb_self() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def vm_hwm_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def encoder_flops(config, lengths) -> tuple[float, float]:
+    """(FLOPs per token at length 1 excluding attention, total forward FLOPs over ``lengths``).
+
+    Per layer, for a sequence of T tokens: T·(8h² + 4hi) + 4hT² (see module docstring).
+    """
+    L = config.num_hidden_layers
+    h = config.hidden_size
+    i = config.intermediate_size
+    per_tok = L * (8 * h * h + 4 * h * i)
+    total = sum(L * (T * (8 * h * h + 4 * h * i) + 4 * h * T * T) for T in lengths)
+    return per_tok, float(total)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_direct(model_cfg: dict, texts: list[str], threads: int) -> dict:
+    import torch
+
+    from finelake.models.embedding import create_embedder
+
+    torch.set_num_threads(threads)
+    emb = create_embedder({**model_cfg, "options": {**model_cfg["options"], "threads": threads}})
+    emb.embed_pooled(texts[:32], K, SIGMA, ALPHA)  # warm-up (allocator, oneDNN kernels)
+    before = dict(emb.stats)
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = emb.embed_pooled(texts, K, SIGMA, ALPHA)
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert out.shape == (len(texts), K + 1, emb.dim)
+    run = {k: emb.stats[k] - before[k] for k in ("tokens", "padded_tokens", "batches")}
+    return {"seconds": secs, "cpu_seconds": cpu, "embedder": emb, "out": out, **run}
+
+
+def _worker_rss(batches):
+    import pandas as pd
+
+    for _ in batches:
+        yield pd.DataFrame({"pid": [os.getpid()],
+                            "rss_mb": [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]})
+
+
+def _probe(spark, cores: int) -> dict:
+    """pid -> peak RSS (MB) of the Python workers that run the next tasks."""
+    rows = spark.range(cores, numPartitions=cores).mapInPandas(
+        _worker_rss, "pid long, rss_mb double").collect()
+    return {int(r["pid"]): float(r["rss_mb"]) for r in rows}
+
+
+def run_spark(model_cfg: dict, texts: list[str], cores: int, arrow_batch: int) -> dict:
+    import pandas as pd
+    from pyspark.sql import SparkSession
+
+    from finelake.udfs.embedding import map_embeddings
+
+    spark = (SparkSession.builder.master(f"local[{cores}]").appName("bench-embedding")
+             .config("spark.ui.enabled", "false")
+             .config("spark.sql.shuffle.partitions", str(cores))
+             .config("spark.default.parallelism", str(cores))
+             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+             .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(arrow_batch))
+             .config("spark.python.worker.reuse", "true")
+             .config("spark.driver.memory", "2g")
+             .getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    try:
+        # Deal documents round-robin by token length so every partition carries the same work.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        part = [0] * len(texts)
+        for r, i in enumerate(order):
+            part[i] = r % cores
+        pdf = pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(texts))], "text": texts, "p": part})
+        df = spark.createDataFrame(pdf).repartition(cores, "p").drop("p").cache()
+        df.count()
+
+        def job(frame):
+            out = map_embeddings(frame, model_cfg, "text", pooled=True, chunks=K, sigma=SIGMA,
+                                 alpha=ALPHA)
+            out.write.format("noop").mode("overwrite").save()
+
+        t0 = time.perf_counter()
+        job(df.limit(16 * cores).repartition(cores))  # warm-up: every worker imports torch, loads
+        warm = time.perf_counter() - t0
+        jvm_pid = int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())  # noqa: SLF001
+        workers = _probe(spark, cores)
+        cpu0 = {p: proc_cpu_seconds(p) for p in [*workers, jvm_pid]}
+        t0 = time.perf_counter()
+        job(df)
+        secs = time.perf_counter() - t0
+        cpu1 = {p: proc_cpu_seconds(p) for p in cpu0}
+        after = _probe(spark, cores)
+        # CPU time is only attributable when the same workers ran the timed job.
+        same = set(after) == set(workers)
+        cpu = sum(cpu1[p] - cpu0[p] for p in cpu0) if same else float("nan")
+        return {"seconds": secs, "warmup_seconds": warm, "cpu_seconds": cpu,
+                "jvm_cpu_seconds": cpu1[jvm_pid] - cpu0[jvm_pid],
+                "worker_rss_mb": max(after.values()), "workers": len(after),
+                "jvm_hwm_mb": vm_hwm_mb(jvm_pid)}
+    finally:
+        spark.stop()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--docs", type=int, default=1000, help="documents from the sample (max 1000)")
+    ap.add_argument("--model", default="embedded:all-minilm-l6-v2")
+    ap.add_argument("--max-seq-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=64, help="max texts per forward pass")
+    ap.add_argument("--max-batch-tokens", type=int, default=4096,
+                    help="max padded tokens per forward pass (0: no limit)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--arrow-batch", type=int, default=1000,
+                    help="spark.sql.execution.arrow.maxRecordsPerBatch (texts length-sorted together)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the direct run (0: all cores)")
+    ap.add_argument("--no-spark", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 comparison run")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+
+    cpu = cpu_info()
+    cores = cpu["cores"]
+    threads = args.threads or cores
+    load_before = load_avg()
+    with open(DOCS, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(args.docs), f)]
+    model_cfg = {"backend": "sentence_transformers", "model": args.model, "batch_size": args.batch_size,
+                 "options": {"max_seq_length": args.max_seq_length, "dtype": args.dtype,
+                             "max_batch_tokens": args.max_batch_tokens}}
+
+    peak_before = matmul_gflops(cores)
+    peak_1t = matmul_gflops(1)
+    core_fp32 = matmul_gflops_per_cpu_s()
+    core_bf16 = matmul_gflops_per_cpu_s(dtype="bfloat16")
+
+    d = run_direct(model_cfg, texts, threads)
+    emb = d["embedder"]
+    lengths = emb.token_lengths(texts)
+    tokens = sum(lengths)
+    per_tok_lin, flops = encoder_flops(emb._transformer.auto_model.config, lengths)  # noqa: SLF001
+    mean_len = tokens / len(texts)
+    padded = d["padded_tokens"]
+    bf = None
+    if not args.no_bf16 and args.dtype != "bfloat16":
+        bf_cfg = {**model_cfg, "options": {**model_cfg["options"], "dtype": "bfloat16"}}
+        bf = run_direct(bf_cfg, texts, threads)
+        cos = (bf["out"] * d["out"]).sum(-1)
+        bf["cos_min"], bf["cos_mean"] = float(cos.min()), float(cos.mean())
+        del bf["embedder"], bf["out"]
+    del d["out"]
+    sp = None if args.no_spark else run_spark(model_cfg, texts, cores, args.arrow_batch)
+    peak_after = matmul_gflops(cores)
+    peak = max(peak_before, peak_after)
+
+    rows = []
+
+    def add(name, value, note=""):
+        rows.append((name, value, note))
+
+    add("machine", f"{cpu['model']}, {cores} cores", cpu["isa"])
+    add("load average before / after", f"{load_before} / {load_avg()}", "1/5/15 min; shared machine")
+    add("fp32 matmul, all cores", f"{peak:.1f} GFLOP/s",
+        f"2048³, best of 2 s; before {peak_before:.1f}, after {peak_after:.1f}; 1 thread {peak_1t:.1f}")
+    add("matmul per CPU-second, 1 thread", f"{core_fp32:.1f} GFLOP/cpu-s",
+        f"fp32; bf16 {core_bf16:.1f}")
+    add("model", f"{args.model}", f"{args.dtype}, max_seq_length {args.max_seq_length}, "
+        f"batch <= {args.batch_size} texts and <= {args.max_batch_tokens or 'any'} tokens")
+    add("encoder FLOPs/token", f"{per_tok_lin / 1e6:.2f} MFLOP + attention",
+        f"{(flops / tokens) / 1e6:.2f} MFLOP/token at these lengths")
+    add("documents / tokens", f"{len(texts)} / {tokens}",
+        f"mean {mean_len:.0f} tokens; padding computed {padded / d['tokens'] - 1:+.1%} "
+        f"(direct, {d['batches']} batches)")
+    ds = d["seconds"]
+    add("direct: docs/s, tokens/s", f"{len(texts) / ds:.1f} , {tokens / ds:.0f}",
+        f"{ds:.1f} s, {threads} torch threads, one process")
+    add("direct: achieved", f"{flops / ds / 1e9:.1f} GFLOP/s", f"{flops / ds / 1e9 / peak:.2f} of matmul rate")
+    dc = d["cpu_seconds"]
+    add("direct: per CPU-second", f"{flops / dc / 1e9:.1f} GFLOP/cpu-s",
+        f"{flops / dc / 1e9 / core_fp32:.2f} of 1-thread matmul; {dc:.1f} cpu-s")
+    if bf:
+        add("direct bf16: docs/s, tokens/s", f"{len(texts) / bf['seconds']:.1f} , "
+            f"{tokens / bf['seconds']:.0f}", f"{bf['seconds']:.1f} s; {flops / bf['cpu_seconds'] / 1e9:.1f} "
+            f"GFLOP/cpu-s = {d['cpu_seconds'] / bf['cpu_seconds']:.2f}x fp32 per CPU-second")
+        add("bf16 vs fp32 vectors", f"cosine min {bf['cos_min']:.5f}", f"mean {bf['cos_mean']:.6f}")
+    if sp:
+        ss = sp["seconds"]
+        add("spark: docs/s, tokens/s", f"{len(texts) / ss:.1f} , {tokens / ss:.0f}",
+            f"{ss:.1f} s, local[{cores}] mapInPandas, arrow batch {args.arrow_batch}, "
+            f"1 thread/task; warm-up job {sp['warmup_seconds']:.1f} s")
+        add("spark: achieved", f"{flops / ss / 1e9:.1f} GFLOP/s",
+            f"{flops / ss / 1e9 / peak:.2f} of matmul rate (target >= 0.5)")
+        sc = sp["cpu_seconds"]
+        add("spark: per CPU-second", f"{flops / sc / 1e9:.1f} GFLOP/cpu-s",
+            f"{flops / sc / 1e9 / core_fp32:.2f} of 1-thread matmul; {sc:.1f} cpu-s "
+            f"(JVM {sp['jvm_cpu_seconds']:.1f})")
+        add("spark / direct time", f"{ss / ds:.2f}", f"target <= 1.10; CPU time {sc / dc:.2f}")
+        add("peak RSS", f"driver {rss_mb_self():.0f} MB", f"worker {sp['worker_rss_mb']:.0f} MB "
+            f"(max of {sp['workers']}), JVM {sp['jvm_hwm_mb']:.0f} MB")
+    else:
+        add("peak RSS", f"{rss_mb_self():.0f} MB", "this process")
+
+    w = max(len(r[0]) for r in rows)
+    v = max(len(r[1]) for r in rows)
+    print()
+    print(f"{'measure':<{w}}  {'value':<{v}}  note")
+    print(f"{'-' * w}  {'-' * v}  {'-' * 40}")
+    for name, value, note in rows:
+        print(f"{name:<{w}}  {value:<{v}}  {note}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"cpu": cpu, "matmul_gflops": peak, "matmul_gflops_1thread": peak_1t,
+             "matmul_gflops_per_cpu_s": core_fp32, "tokens": tokens, "docs": len(texts),
+             "flops": flops, "direct": d | {"embedder": None}, "bf16": bf, "spark": sp,
+             "args": vars(args)}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
