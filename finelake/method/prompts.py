@@ -39,17 +39,20 @@ DIRECT_GENERICIZE_SCHEMA = {
     "required": ["template", "compatible_document_description"],
 }
 
-_GENERICIZE_SYSTEM = (
-    "You turn a user's request into a reusable template. From the numbered phrases of the request, "
-    "pick the phrases that are specific (names, topics, products, places, quantities) and say what "
-    "general kind of thing each one is, in two to four lowercase words.\n"
-    "Request: How do I bake sourdough bread in a Dutch oven?\n"
-    "Phrases: 1. bake sourdough bread 2. Dutch oven\n"
-    'Answer: {"picks":[{"n":1,"kind":"type of baked food"},{"n":2,"kind":"cooking vessel"}]}\n'
-    "Request: What are the health benefits of green tea?\n"
-    "Phrases: 1. health benefits 2. green tea\n"
-    'Answer: {"picks":[{"n":2,"kind":"beverage"}]}'
+_GENERICIZE_SYSTEM = ("Pick the specific phrases of the request (numbered) and name the general "
+                      "category of each in a few words.")
+# Few-shot turns (multi-turn, so the model learns the format rather than copying one answer).
+_GENERICIZE_SHOTS = (
+    ("How do I bake sourdough bread in a Dutch oven?", "1. bake sourdough bread 2. Dutch oven",
+     '{"picks":[{"n":2,"kind":"kitchen tool"}]}'),
+    ("explain the causes of World War I", "1. causes 2. World War I",
+     '{"picks":[{"n":2,"kind":"historical event"}]}'),
+    ("write a python function that sorts a list", "1. python function 2. sorts 3. list",
+     '{"picks":[{"n":1,"kind":"programming language"},{"n":3,"kind":"data structure"}]}'),
 )
+EXAMPLE_KINDS = frozenset({"kitchen tool", "historical event", "programming language", "data structure"})
+"""Slot descriptions that appear in the few-shot turns; the report counts how often the model
+copies them (a quality signal for small models)."""
 
 
 @dataclass
@@ -84,9 +87,12 @@ def genericize_request(query: str, mode: str, max_slots: int = 3) -> Optional[Ge
                       "required": ["n", "kind"]}}},
         "required": ["picks"],
     }
-    user = f"Request: {query[:600]}\nPhrases: {listing}"
-    return GenericizeRequest([{"role": "system", "content": _GENERICIZE_SYSTEM},
-                              {"role": "user", "content": user}], schema, cands)
+    messages = [{"role": "system", "content": _GENERICIZE_SYSTEM}]
+    for q, phrases, answer in _GENERICIZE_SHOTS:
+        messages += [{"role": "user", "content": f"Request: {q}\nPhrases: {phrases}"},
+                     {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": f"Request: {query[:600]}\nPhrases: {listing}"})
+    return GenericizeRequest(messages, schema, cands)
 
 
 @dataclass
