@@ -29,6 +29,9 @@ TRAIN = [
     "trl>=0.20",
     "peft>=0.15",
     "datasets>=3.0",
+    # IFEval's rule-based checkers (Google's instruction classes), used by finelake evaluate.
+    "if-verifiable==0.1.2; python_version >= '3.11'",
+    "scipy>=1.10",  # the length-controlled win rate's logistic fit
 ]
 REPORT = ["matplotlib>=3.8"]
 DEV = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6"]

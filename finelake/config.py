@@ -150,6 +150,128 @@ class RunConfig(_Strict):
     max_documents: Optional[int] = Field(None, ge=1)
 
 
+# ----------------------------------------------------------------------------- train / evaluate
+
+
+class TrackingConfig(_Strict):
+    """Where training and evaluation runs, metrics and models are recorded (MLflow)."""
+
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; null: "
+                                        "sqlite:///<lake>/_mlflow/mlflow.db (works offline). "
+                                        "Databricks: 'databricks'.")
+    registry_uri: Optional[str] = Field(None, description="Model registry URI; null: the tracking "
+                                        "URI. Databricks with Unity Catalog: 'databricks-uc'.")
+    artifact_location: Optional[str] = Field(None, description="Artifact root of a new experiment; "
+                                             "null: <lake>/_mlflow/artifacts with the default local "
+                                             "store, the server's default otherwise.")
+    experiment: str = Field("finelake", description="Experiment name (Databricks: a workspace path, "
+                            "e.g. /Shared/finelake).")
+    registered_model_prefix: str = Field("finelake", description="Models register as "
+                                         "'<prefix>_<table>_<method>'; Unity Catalog needs "
+                                         "'catalog.schema.' in front (main.finelake.finelake).")
+    register_model: bool = Field(True, description="Register the final model in the model registry.")
+
+
+class LoraSettings(_Strict):
+    """PEFT LoRA adapter settings (non-instructional fine-tuning §4; limitations paper §3)."""
+
+    r: int = Field(16, ge=1, description="Rank of the low-rank update.")
+    alpha: int = Field(32, ge=1, description="Scale numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Linear layers that get adapters (Llama names; 'all-linear' for every one).")
+    merge: bool = Field(True, description="Merge the adapters into the base weights before the "
+                        "model is saved and logged (the non-instructional paper merges them).")
+
+
+class ScratchModelConfig(_Strict):
+    """A Llama-style model trained from random weights with the training tokenizer (§4.2 trains
+    1.8B-parameter models with a Llama-3 tokenizer; the local default is a few million)."""
+
+    hidden_size: int = Field(256, ge=8)
+    intermediate_size: int = Field(1024, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(4, ge=1, description="Grouped-query attention: key/value heads.")
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_word_embeddings: bool = True
+    learning_rate: Optional[float] = Field(None, gt=0, description="Overrides train.learning_rate "
+                                           "for scratch runs (5e-5 is a fine-tuning rate; small "
+                                           "models from scratch want ~1e-3).")
+
+
+class TrainConfig(_Strict):
+    """``finelake train``: TRL SFTTrainer on a Delta table (FineInstructions §4.2, non-instructional
+    fine-tuning §4, limitations of instruction tuning §3: 3 epochs, lr 5e-5, batch 32)."""
+
+    base_model: str = Field("embedded:smollm2-135m-instruct", description="Model fine-tuned by "
+                            "'lora' and 'full' (path, hub id or embedded:<name>).")
+    method: Literal["lora", "full", "scratch"] = Field("lora", description="LoRA adapters, full "
+                                                       "fine-tuning, or pre-training from scratch.")
+    table: str = Field("pairs", description="Training table: pairs (instruction/answer), "
+                       "continuations (prompt/continuation), or any table with a text column.")
+    loss_on: Literal["answer", "all"] = Field("answer", description="Loss on the answer tokens only "
+                                              "or on every token (text-only tables: always all).")
+    epochs: float = Field(3.0, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(32, ge=1, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after N optimizer steps "
+                                     "(null: run all epochs).")
+    max_seq_len: int = Field(2048, ge=8, description="Examples are truncated to this many tokens.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps with linear warmup.")
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
+        "cosine", description="Decay after warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    max_rows: Optional[int] = Field(None, ge=1, description="Use at most N rows (in key order).")
+    token_budget: Optional[int] = Field(None, ge=1, description="Truncate the training set to this "
+                                        "many tokens (whole examples, in key order).")
+    packing: bool = Field(False, description="Pack examples into max_seq_len blocks (TRL BFD).")
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU.")
+    logging_steps: int = Field(5, ge=1)
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch.set_num_threads on CPU.")
+    output_dir: Optional[str] = Field(None, description="Checkpoints and the final model; null: "
+                                      "<lake>/_models/<run_id>.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    scratch: ScratchModelConfig = Field(default_factory=ScratchModelConfig)
+    mlflow: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+class EvaluateConfig(_Strict):
+    """``finelake evaluate``: IFEval, AlpacaEval-style win rates, multi-aspect scores, token shift."""
+
+    benchmarks: list[Literal["ifeval", "alpacaeval", "aspects", "mt_bench", "token_shift"]] = Field(
+        default_factory=lambda: ["ifeval", "alpacaeval", "aspects", "token_shift"])
+    limit: Optional[int] = Field(None, ge=1, description="First N items of each set (null: all).")
+    max_new_tokens: int = Field(512, ge=1, description="Greedy generation limit per response.")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together.")
+    prompt_format: Literal["auto", "chat", "instruction"] = Field(
+        "auto", description="auto: the model's training template when finelake trained it, else its "
+        "chat template, else 'Instruction: {prompt}\\n\\nAnswer:'.")
+    judge: Optional[ModelConfig] = Field(None, description="Judge for pairwise and aspect scores "
+                                         "(any generation backend); null: models.generator.")
+    judge_both_orders: bool = Field(True, description="Judge each pair in both orders (position bias).")
+    base_model: Optional[str] = Field(None, description="Base model for token_shift; null: "
+                                      "train.base_model.")
+    shift_top_k: int = Field(20, ge=1, description="Most frequent shifted tokens reported.")
+    torch_threads: Optional[int] = Field(None, ge=1)
+
+
+class CompareConfig(_Strict):
+    """``finelake compare``: small-scale train + evaluate grid at an equal token count (§4.1)."""
+
+    runs: list[str] = Field(default_factory=lambda: ["pairs:lora", "documents:lora", "pairs:full"],
+                            description="'table:method' entries trained and evaluated.")
+    epochs: float = Field(1.0, gt=0, description="Epochs over each equal-token training set.")
+    token_budget: Optional[int] = Field(None, ge=1, description="Cap on the equal token budget.")
+    include_base: bool = Field(True, description="Also evaluate the untrained base model.")
+
+
 class FinelakeConfig(_Strict):
     profile: str = "local"
     lake: str = Field("./lake", description="Root folder (or URI) of the lake; tables live at <lake>/<name>.")
@@ -165,6 +287,9 @@ class FinelakeConfig(_Strict):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
     source_file: Optional[str] = Field(None, description="Set by the loader; not a user setting.")
 
     @field_validator("lake")

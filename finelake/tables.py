@@ -160,6 +160,30 @@ ALL_TABLES: dict[str, TableDef] = {
               MATCH_LOG, INSTANTIATIONS, JUDGMENTS, PAIRS, BUDGET_LEDGER)
 }
 
+# ----------------------------------------------------------------------------- evaluation
+
+EVAL_SETS = TableDef(
+    "eval_sets",
+    _schema(("benchmark", S), ("item_id", S), ("prompt", S), ("instruction_id_list", pa.list_(S)),
+            ("kwargs", S), ("reference", S), ("reference_generator", S), ("category", S),
+            ("turns", pa.list_(S)), ("source_file", S), *LINEAGE),
+    key=("benchmark", "item_id"),
+    description="Evaluation items (ifeval, alpacaeval with GPT-4-turbo references, mt_bench) from "
+                "the shipped files; kwargs is JSON.",
+)
+
+EVALUATIONS = TableDef(
+    "evaluations",
+    _schema(("model", S), ("benchmark", S), ("metric", S), ("value", F64), ("n", I64),
+            ("eval_version", I64), ("model_uri", S), ("train_run", S), ("mlflow_run_id", S),
+            ("judge", S), ("prompt_format", S), ("created_at", S), *LINEAGE),
+    key=("run_id", "model", "benchmark", "metric"),
+    description="One metric of one model on one benchmark per evaluation run (eval_version: "
+                "the eval_sets Delta version used).",
+)
+
+ALL_TABLES.update({t.name: t for t in (EVAL_SETS, EVALUATIONS)})
+
 
 def table(name: str) -> TableDef:
     """Look up a declared table.
