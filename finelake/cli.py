@@ -194,6 +194,45 @@ def tables(ctx):
         click.echo(f"{t.name:16} v{'-' if v is None else v:<4} rows={rows:<8} {lake.path(t)}  {t.description}")
 
 
+@cli.command()
+@click.option("--table", default=None, help="Training table: pairs, documents, continuations, or any with a text column (default: train.table).")
+@click.option("--version", "version", type=int, default=None, help="Delta version of the table (default: latest; recorded).")
+@click.option("--method", type=click.Choice(["lora", "full", "scratch"]), default=None, help="LoRA, full fine-tuning, or pre-training from scratch (default: train.method).")
+@click.option("--token-budget", type=int, default=None, help="Train on at most N tokens (whole examples).")
+@click.option("--match-tokens", default=None, metavar="TABLE[@V]", help="Cap the tokens at another table's count (equal-token comparison).")
+@click.option("--max-steps", type=int, default=None, help="Override train.max_steps.")
+@_common
+def train(ctx, table, version, method, token_budget, match_tokens, max_steps):
+    """Train a model on a Delta table with TRL (LoRA / full / scratch); tracked in MLflow."""
+    from finelake.jobs.train import run_train
+
+    _print_stats(run_train(ctx, table=table, version=version, method=method, token_budget=token_budget,
+                           match_tokens_of=match_tokens, max_steps=max_steps))
+
+
+@cli.command()
+@click.option("--model", default=None, metavar="URI_OR_PATH", help="models:/name/version, runs:/id/model, a folder, or embedded:<name> (default: train.base_model).")
+@click.option("--base", default=None, metavar="URI_OR_PATH", help="Base model for the token distribution shift (default: the trained model's base).")
+@click.option("--limit", type=int, default=None, help="First N items of each benchmark (default: evaluate.limit).")
+@click.option("--benchmark", "benchmarks", multiple=True, type=click.Choice(["ifeval", "alpacaeval", "aspects", "mt_bench", "token_shift"]), help="Run only these (repeatable; default: evaluate.benchmarks).")
+@_common
+def evaluate(ctx, model, base, limit, benchmarks):
+    """IFEval, AlpacaEval-style win rates, aspect scores, token shift -> MLflow and evaluations."""
+    from finelake.jobs.evaluate import run_evaluate
+
+    _print_stats(run_evaluate(ctx, model=model, base=base, limit=limit, benchmarks=list(benchmarks) or None))
+
+
+@cli.command()
+@click.option("--out", default=None, help="Folder for compare.md and plots (default: <lake>/_reports/compare-<run>).")
+@_common
+def compare(ctx, out):
+    """Small-scale grid: pairs vs documents at equal tokens, LoRA vs full; Markdown + plots."""
+    from finelake.jobs.compare import run_compare
+
+    click.echo(f"comparison written to {run_compare(ctx, out=out)}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``finelake`` console script and of ``jobs/*.py`` under spark-submit."""
     cli.main(args=argv, prog_name="finelake", standalone_mode=True)
