@@ -137,12 +137,12 @@ def _plots(out: str, curves: dict, evals: list) -> dict[str, str]:
         files["loss"] = "loss_curves.png"
         fig.savefig(os.path.join(out, files["loss"]), dpi=110)
         plt.close(fig)
-    keys = [(k, n) for k, n in HEADLINE[:4] if any(k in e[4].extra["metrics"] for e in evals)]
+    keys = [(k, n) for k, n in HEADLINE[:4] if any(k in e[4].metrics for e in evals)]
     if keys:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         width = 0.8 / max(len(evals), 1)
         for j, e in enumerate(evals):
-            vals = [e[4].extra["metrics"].get(k, float("nan")) for k, _ in keys]
+            vals = [e[4].metrics.get(k, float("nan")) for k, _ in keys]
             ax.bar([i + j * width for i in range(len(keys))], vals, width, label=e[0])
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
         ax.set_xticklabels([n for _, n in keys], fontsize=8)
@@ -153,7 +153,7 @@ def _plots(out: str, curves: dict, evals: list) -> dict[str, str]:
         files["metrics"] = "metrics.png"
         fig.savefig(os.path.join(out, files["metrics"]), dpi=110)
         plt.close(fig)
-    shifts = [(e[0], e[4].extra.get("shift")) for e in evals if e[4].extra.get("shift")]
+    shifts = [(e[0], e[4].shift) for e in evals if e[4].shift]
     if shifts:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for name, s in shifts:
@@ -192,7 +192,7 @@ def _markdown(cfg, totals, versions, budget, evals, files) -> str:
              + " | ".join(n for _, n in HEADLINE) + " |",
              "|" + "---|" * (5 + len(HEADLINE))]
     for name, table, method, st, ev in evals:
-        m = ev.extra["metrics"]
+        m = ev.metrics
         if st is not None:
             tr = (f"{st.extra.get('data_tokens', 0):,} | {int(st.extra.get('train_steps', 0)) or '–'} | "
                   f"{st.extra['train_loss']:.3f} | {st.extra['tokens_per_s']:.0f}")
@@ -209,7 +209,7 @@ def _markdown(cfg, totals, versions, budget, evals, files) -> str:
 
 
 def _paragraph(cfg, evals, budget) -> str:
-    by = {e[0]: e[4].extra["metrics"] for e in evals}
+    by = {e[0]: e[4].metrics for e in evals}
     n_if = next((int(m["ifeval.n_prompts"]) for m in by.values() if "ifeval.n_prompts" in m), 0)
     parts = [f"Each trained model saw about {budget:,} training tokens ({budget / 23e9:.0e} of the "
              "paper's smallest corpus, 23B tokens), starting from a 135M-parameter model that was "
@@ -225,25 +225,32 @@ def _paragraph(cfg, evals, budget) -> str:
                          f"accuracy {100 * a[k]:.1f}% vs {100 * b[k]:.1f}% on {n_if} prompts, where "
                          f"one prompt is {step:.1f} points, so a difference below a few prompts is "
                          "noise.")
-    if "pairs:lora" in by and "pairs:full" in by:
-        a, b = by["pairs:lora"], by["pairs:full"]
+    for table in dict.fromkeys(name.split(":")[0] for name in by if ":" in name):
+        a, b = by.get(f"{table}:lora"), by.get(f"{table}:full")
         k = "token_shift.shifted_share"
-        if k in a and k in b:
+        if a and b and k in a and k in b:
             more = "more" if b[k] > a[k] else "fewer"
             agree = "agrees" if b[k] > a[k] else "does not agree"
-            parts.append(f"LoRA vs full fine-tuning: full fine-tuning shifted {more} of the tuned "
-                         f"model's tokens away from the base model's first choice ({100 * b[k]:.1f}% "
-                         f"vs {100 * a[k]:.1f}%; mean KL {b['token_shift.kl_mean']:.3f} vs "
-                         f"{a['token_shift.kl_mean']:.3f} nats/token), which {agree} in direction "
-                         "with the limitations paper (LoRA mostly changes style tokens, full "
-                         "fine-tuning changes more); at this step count both shifts are small.")
+            parts.append(f"LoRA vs full fine-tuning on `{table}`: full fine-tuning shifted {more} of "
+                         f"the tuned model's tokens away from the base model's first choice "
+                         f"({100 * b[k]:.1f}% vs {100 * a[k]:.1f}%; mean KL "
+                         f"{b['token_shift.kl_mean']:.3f} vs {a['token_shift.kl_mean']:.3f} "
+                         f"nats/token), which {agree} in direction with the limitations paper "
+                         "(LoRA mostly changes style tokens, full fine-tuning changes more); "
+                         f"{int(a.get('token_shift.n_tokens', 0))} generated tokens were compared.")
+    if not any(name.startswith("pairs:") for name in by):
+        parts.append("Pairs vs documents is not in this grid (no `pairs` run).")
     judge = cfg.evaluate.judge or cfg.models.generator
-    if cfg.profile == "local" or "smollm2" in judge.model.lower():
-        parts.append("The judge here is SmolLM2-135M-Instruct: it mostly answers with the same "
-                     "position whatever it reads, so judging both orders pulls win rates towards "
-                     "50% and its 1-5 aspect scores barely vary; those columns check that the "
-                     "wiring works and measure nothing. Point `evaluate.judge` at a strong model "
-                     "(the paper: GPT-4-turbo) for AlpacaEval numbers that mean something.")
+    firsts = [m["alpacaeval.judge_first_position_share"] for m in by.values()
+              if "alpacaeval.judge_first_position_share" in m]
+    if "smollm2" in judge.model.lower():
+        bias = (f"it named response 1 in {100 * sum(firsts) / len(firsts):.0f}% of its verdicts, "
+                if firsts else "")
+        parts.append(f"The judge here is SmolLM2-135M-Instruct: {bias}so judging both orders "
+                     "pulls win rates towards 50%, and its 1-5 aspect scores are as weak; those "
+                     "columns check that the wiring works and measure little. Point "
+                     "`evaluate.judge` at a strong model (the paper: GPT-4-turbo) for AlpacaEval "
+                     "numbers that mean something.")
     parts.append("Not shown at all: pre-training from scratch at scale (§4.2), MixEval, "
                  "MT-Bench-101, or any significance test; rerun with the databricks profile for "
                  "those.")

@@ -314,6 +314,9 @@ def score_alpacaeval(judge, items: list[dict], gens: list[Generation],
                      "verdict_model_second": second, "preference": p,
                      "len_model": len(g.text), "len_reference": len(it["reference"] or "")})
     metrics = wr.win_rates(prefs)
+    verdicts = [v for r in rows for v in (r["verdict_model_first"], r["verdict_model_second"])
+                if v is not None]
+    metrics["judge_first_position_share"] = sum(v == 1 for v in verdicts) / max(len(verdicts), 1)
     lc = wr.length_controlled_win_rate(prefs, [r["len_model"] for r in rows],
                                        [r["len_reference"] for r in rows])
     metrics.update({"lc_win_rate": lc["lc_win_rate"], "length_coef": lc["length_coef"],
@@ -370,8 +373,9 @@ def next_token_logits(model, prompt_ids: list[int], output_ids: list[int]):
 
 
 def token_shift(tuned: ModelUnderTest, base: ModelUnderTest, gens: list[Generation],
-                top_k: int = 20) -> dict:
-    """Token distribution shift of ``tuned`` from ``base`` along ``tuned``'s greedy responses.
+                top_k: int = 20) -> Optional[dict]:
+    """Token distribution shift of ``tuned`` from ``base`` along ``tuned``'s greedy responses
+    (:func:`finelake.method.token_shift.summarize`); None when every response was empty.
 
     Raises:
         FinelakeError: the two tokenizers differ (positions would not correspond).
@@ -385,6 +389,8 @@ def token_shift(tuned: ModelUnderTest, base: ModelUnderTest, gens: list[Generati
         t = next_token_logits(tuned.model, g.prompt_ids, g.output_ids)
         b = next_token_logits(base.model, g.prompt_ids, g.output_ids)
         results.append(tsm.position_shift(t, b, g.output_ids))
+    if not results:
+        return None
     return tsm.summarize(results, decode=lambda i: tuned.tokenizer.decode([i]), top_k=top_k)
 
 
@@ -426,8 +432,9 @@ def run_evaluate(ctx: StageContext, model: Optional[str] = None, base: Optional[
         label: name in tables and plots (default: derived from ``model``).
 
     Returns:
-        :class:`StageStats`; ``extra["metrics"]`` maps ``benchmark.metric`` to values,
-        ``extra["mlflow_run_id"]`` is the evaluation run.
+        :class:`StageStats` with two more attributes: ``metrics`` (every ``benchmark.metric`` ->
+        value) and ``shift`` (the token-shift summary or None); ``extra`` holds the evaluation's
+        ``mlflow_run_id``, ``eval_version`` and the headline metrics.
 
     Raises:
         FinelakeError: an unknown benchmark, an unresolvable model URI, or mismatched tokenizers.
@@ -491,15 +498,19 @@ def run_evaluate(ctx: StageContext, model: Optional[str] = None, base: Optional[
             base_uri = _base_uri(cfg, mut, base)
             base_path = resolve_model_path(ctx, base_uri) if base_uri else None
             if base_path is None:
-                log.info("token_shift skipped: %s has no base model (trained from scratch?)", mut.label)
+                log.info("token_shift skipped: no base model for %s (%s)", mut.label,
+                         "trained from scratch" if mut.meta else "pass --base or set evaluate.base_model")
             elif os.path.realpath(base_path) == os.path.realpath(mut.path) and not base:
                 log.info("token_shift skipped: the model is its own base")
             else:
                 bm = load_model(ctx, base_uri, prompt_format=mut.prompt_format)
                 shift = token_shift(mut, bm, a_gens, ec.shift_top_k)
                 del bm
-                metrics.update({f"token_shift.{k}": float(v) for k, v in shift.items()
-                                if isinstance(v, (int, float))})
+                if shift is None:
+                    log.warning("token_shift skipped: %s generated no tokens", mut.label)
+                else:
+                    metrics.update({f"token_shift.{k}": float(v) for k, v in shift.items()
+                                    if isinstance(v, (int, float))})
     if "mt_bench" in benches:
         items = _items(rows, "mt_bench", limit)
         gens = generate(mut, [i["prompt"] for i in items], ec.max_new_tokens, ec.batch_size)
@@ -553,8 +564,15 @@ def run_evaluate(ctx: StageContext, model: Optional[str] = None, base: Optional[
         lake.merge(EVALUATIONS, arrow_from_rows(eval_rows, EVALUATIONS), run_id=ctx.run_id, update=True)
     stats.rows_out = len(eval_rows)
     stats.extra.update({"model": mut.label, "mlflow_run_id": run_id, "eval_version": eval_version,
-                        "metrics": metrics, "shift": shift})
+                        **{k: round(v, 3) for k, v in metrics.items() if k in _SUMMARY}})
+    stats.metrics = metrics  # every metric, for callers (compare); the summary line keeps a few
+    stats.shift = shift
     return stats.finish()
+
+
+_SUMMARY = ("ifeval.prompt_level_strict_acc", "ifeval.inst_level_loose_acc", "alpacaeval.win_rate",
+            "alpacaeval.lc_win_rate", "aspects.mean", "mt_bench.score", "token_shift.kl_mean",
+            "token_shift.shifted_share")
 
 
 def _metric_n(bench: str, metric: str, metrics: dict, counts: dict) -> Optional[int]:
