@@ -140,11 +140,48 @@ def test_empty_short_echo_and_truncation():
     assert short_after_trim.reason.startswith("too_short:")
 
 
+def test_leading_echo_is_stripped():
+    prompt = "The bridge opened in 1932. It carried trams until 1960. Cars replaced them."
+    cont = ("The bridge opened in 1932. It carried trams until 1960! A new deck was laid in 1985 "
+            "and the old rails were taken up by the city.")
+    rest, removed = C.strip_echo(cont, prompt)
+    assert removed == 2 and rest.startswith("A new deck")
+    v = C.assess_continuation(cont, "stop", prompt)
+    assert v.ok and v.flags == ("echo_stripped",) and v.text == rest
+    assert C.assess_continuation("It carried trams until 1960.", "stop", prompt).reason.startswith("echo:")
+    assert C.strip_echo("Something new. The bridge opened in 1932.", prompt) == (
+        "Something new. The bridge opened in 1932.", 0)  # only leading copies go
+
+
+@pytest.mark.parametrize("text", [
+    "The next paragraph continues with the same information but with a different name.",
+    "This text is about a medical condition called astigmatism, which affects vision.",
+    "The text has been rewritten to convey the same information more concisely.",
+    "In this passage the author explains why the river flooded every spring.",
+    "I threw on some clothes and ran out. I made a mistake in the beginning of the text. The "
+    "original text was: I threw on some clothes.",
+])
+def test_meta_commentary_is_dropped(text):
+    v = C.assess_continuation(text, "stop")
+    assert v.status == "dropped" and v.reason.startswith("meta:"), v
+
+
+def test_preamble_is_stripped_but_real_openings_stay():
+    v = C.assess_continuation("Here is the next paragraph:\n\nThe rain stopped at noon and the "
+                              "crowds came back to the square.", "stop")
+    assert v.ok and v.flags == ("preamble_stripped",) and v.text.startswith("The rain stopped")
+    for text in ["The text of the treaty was signed by both parties in 1920 and ratified soon.",
+                 "Ingredients: flour, salt and water are mixed and left to rise overnight."]:
+        v = C.assess_continuation(text, "stop")
+        assert v.ok and v.flags == () and v.text == text
+
+
 def test_rules_validate():
     with pytest.raises(ValueError):
         C.QualityRules(truncation="keep")
-    msgs = C.continuation_messages("Some text.")
-    assert msgs[-1] == {"role": "user", "content": "Some text."} and msgs[0]["role"] == "system"
+    msgs = C.continuation_messages("Some text {with braces}.")
+    assert len(msgs) == 1 and msgs[0]["role"] == "user"
+    assert "\n\nSome text {with braces}.\n\n" in msgs[0]["content"]
 
 
 def test_trim_and_sentence_end():

@@ -35,6 +35,14 @@ Quality rules (:func:`assess_continuation`)
 Checked in this order; the first that fires gives ``status="dropped"`` and its reason code:
 
 * ``empty``: nothing but white space came back;
+* a leading preamble line ("Here is the next paragraph:", "Sure! The continuation:") is removed
+  (flag ``preamble_stripped``);
+* leading sentences that repeat the prompt verbatim (same words, any case or punctuation) are
+  removed first (flag ``echo_stripped``), since chat teachers often restate the text before
+  continuing it; ``echo`` when nothing else is left;
+* ``meta``: the text talks about the text instead of continuing it: it opens with "The next
+  paragraph ...", "This text ...", "In this passage ...", or mentions "the original text",
+  "the beginning of the text", "the next paragraph" anywhere (chat artifacts);
 * ``repetitive``: a repetition loop: the share of word n-grams (``ngram`` words, counted by
   position) that repeat an earlier n-gram exceeds ``max_repeat_share``, or a unit of 1-12
   characters repeats back to back over at least ``loop_min_chars`` characters;
@@ -59,22 +67,30 @@ from finelake.method.spans import split_sentences
 
 PROMPT_VERSION = "continue-v1"
 
-#: The teacher's instructions. The stored ``prompt`` is only the first half; this wrapper is how a
-#: chat teacher is asked to continue it (the paper's "have GPT complete the passage").
-SYSTEM_PROMPT = (
-    "Continue the text the user gives you. Write only the text that comes next, in the same "
-    "language, style and voice, as if you were its author. Do not repeat the given text, do not "
-    "answer it, summarize it or comment on it, and do not address the user."
-)
+#: How a chat teacher is asked to continue a first half (the paper's "have GPT complete the
+#: passage"). The stored ``prompt`` is only the first half itself. One user turn, no system turn:
+#: of the wordings tried with the embedded 135M model this one was copied back least often.
+CONTINUE_TEMPLATE = ("Here is the beginning of a text:\n\n{prompt}\n\nWrite the next paragraph of "
+                     "this text. Do not repeat the beginning.")
 
 SPLIT_UNITS = ("sentence", "token", "char")
-DROP_REASONS = ("empty", "repetitive", "echo", "truncated", "too_short")
+DROP_REASONS = ("empty", "echo", "meta", "repetitive", "truncated", "too_short")
+QUALITY_FLAGS = ("preamble_stripped", "echo_stripped", "trimmed")
 
 _WS_BOUNDARY = re.compile(r"(?<=\s)(?=\S)")
 _WORD = re.compile(r"\w+")
 _SENT_END_AT_END = re.compile(r"[.!?…][\"'”’)\]]*\s*$")
 _SENT_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
 _CHAR_LOOP = re.compile(r"(.{1,12}?)\1{3,}", re.DOTALL)
+_PREAMBLE = re.compile(r"^(?:sure|okay|ok|certainly|of course)?[!,.]?\s*(?=[^\n:]{0,100}\b(?:paragraph|text|"
+                       r"continuation|passage|story|article|rest)\b)[^\n:]{0,100}:[ \t]*\n\s*",
+                       re.IGNORECASE)
+_META = re.compile(r"^(?:(?:the|this) (?:next |following |above |given |original |rewritten )?"
+                   r"(?:paragraph|text|passage|article|continuation|excerpt)s?\b(?! of\b)|"
+                   r"(?:in|with) (?:this|the) (?:text|passage|paragraph)\b)", re.IGNORECASE)
+_META_ANYWHERE = re.compile(r"\b(?:the (?:original|given|above|provided) text|the text above|"
+                            r"the (?:beginning|rest|continuation) of (?:the|this) text|"
+                            r"the next paragraph)\b", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -172,8 +188,9 @@ def halve(text: str, split: Split) -> tuple[str, str]:
 
 
 def continuation_messages(prompt: str) -> list[dict[str, str]]:
-    """The chat request that asks the teacher to continue ``prompt`` (``PROMPT_VERSION``)."""
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+    """The chat request that asks the teacher to continue ``prompt`` (``PROMPT_VERSION``):
+    one user turn, :data:`CONTINUE_TEMPLATE` filled with the first half."""
+    return [{"role": "user", "content": CONTINUE_TEMPLATE.format(prompt=prompt)}]
 
 
 # ----------------------------------------------------------------------------- quality
@@ -216,7 +233,7 @@ class Assessment:
         status: ``"ok"`` or ``"dropped"``.
         reason: ``"<code>: <detail>"`` with a code of :data:`DROP_REASONS`; None when ok.
         text: the continuation to train on (trimmed when flagged so); None when dropped.
-        flags: quality notes on a kept text (``trimmed``).
+        flags: quality notes on a kept text (:data:`QUALITY_FLAGS`).
     """
 
     status: str
@@ -282,6 +299,26 @@ def trim_to_sentence_end(text: str) -> Optional[str]:
     return text[:last].rstrip() if last else None
 
 
+def strip_echo(text: str, prompt: str) -> tuple[str, int]:
+    """Remove the leading sentences of ``text`` whose words occur contiguously in ``prompt``.
+
+    Returns:
+        ``(rest, removed)``: the text from its first new sentence on ("" when every sentence
+        repeats the prompt) and how many sentences were removed.
+    """
+    pw = " " + " ".join(words(prompt)) + " "
+    sents = split_sentences(text)
+    k = 0
+    while k < len(sents):
+        w = words(sents[k].text)
+        if not w or (" " + " ".join(w) + " ") not in pw:
+            break
+        k += 1
+    if k == 0:
+        return text, 0
+    return (text[sents[k].start:] if k < len(sents) else ""), k
+
+
 def _repetition(text: str, rules: QualityRules) -> Optional[str]:
     share = repeated_ngram_share(text, rules.ngram)
     if share > rules.max_repeat_share:
@@ -310,6 +347,19 @@ def assess_continuation(text: Optional[str], finish_reason: Optional[str], promp
     raw = (text or "").strip()
     if not raw:
         return Assessment("dropped", "empty: no text came back", None)
+    flags: tuple[str, ...] = ()
+    pre = _PREAMBLE.match(raw)
+    if pre and raw[pre.end():].strip():
+        raw, flags = raw[pre.end():], ("preamble_stripped",)
+    if prompt:
+        raw, removed = strip_echo(raw, prompt)
+        if removed and not raw.strip():
+            return Assessment("dropped", f"echo: all {removed} sentences repeat the prompt", None)
+        flags += ("echo_stripped",) if removed else ()
+    meta = _META.match(raw) or _META_ANYWHERE.search(raw)
+    if meta:
+        return Assessment("dropped", f"meta: talks about the text ({meta.group(0)!r}) instead of "
+                          "continuing it", None)
     why = _repetition(raw, rules)
     if why:
         return Assessment("dropped", why, None)
@@ -318,7 +368,6 @@ def assess_continuation(text: Optional[str], finish_reason: Optional[str], promp
         if ov > rules.max_prompt_overlap:
             return Assessment("dropped", f"echo: {ov:.2f} of word {rules.echo_ngram}-grams copy "
                               f"the prompt (max {rules.max_prompt_overlap})", None)
-    flags: tuple[str, ...] = ()
     out = raw
     if finish_reason == "length" and not ends_sentence(raw):
         if rules.truncation == "drop":
@@ -326,12 +375,12 @@ def assess_continuation(text: Optional[str], finish_reason: Optional[str], promp
         out = trim_to_sentence_end(raw)
         if out is None:
             return Assessment("dropped", "truncated: hit the token limit with no sentence end", None)
-        flags = ("trimmed",)
+        flags += ("trimmed",)
     n = len(words(out))
     if n < rules.min_words:
         return Assessment("dropped", f"too_short: {n} words < {rules.min_words}"
-                          + (" after trimming" if flags else ""), None)
-    if flags:
+                          + (" after trimming" if "trimmed" in flags else ""), None)
+    if "trimmed" in flags:
         why = _repetition(out, rules)
         if why:
             return Assessment("dropped", why, None)
