@@ -135,6 +135,16 @@ _stage_command("judge", "Score instantiated pairs 1-5 and keep those >= judge.mi
 _stage_command("budget", "Keep judged pairs within each document's token budget (with rollover) -> pairs.")
 
 
+@cli.command(name="continue")
+@click.option("--max-documents", type=int, default=None, help="Continue at most N documents (seeded uniform sample).")
+@_common
+def continue_cmd(ctx, max_documents):
+    """Non-instructional data: halve sampled documents, a teacher continues them (documents -> continuations)."""
+    from finelake.jobs.continuation import run_continue
+
+    _print_stats(run_continue(ctx, max_documents=max_documents))
+
+
 @cli.command()
 @_apply(_inputs + _limits)
 @_common

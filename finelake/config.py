@@ -139,6 +139,38 @@ class BudgetConfig(_Strict):
     seed: int = 0
 
 
+class ContinueConfig(_Strict):
+    """Non-instructional continuations (arXiv 2409.00096 §3): halve documents, a teacher continues."""
+
+    model: Optional[ModelConfig] = Field(None, description="Teacher model; default models.generator "
+                                         "(backend openai serves GPT-3.5/4-class teachers).")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Continuation length limit; default "
+                                      "the model's max_tokens.")
+    seed: int = Field(0, description="Seeds the document sample and every split point.")
+    split_min: float = Field(0.25, gt=0, lt=1, description="Earliest split, fraction of the document.")
+    split_max: float = Field(0.75, gt=0, lt=1, description="Latest split, fraction of the document.")
+    chunk_documents: int = Field(64, ge=1, description="Documents per committed chunk.")
+    prompt_version: str = "continue-v1"
+    truncation: Literal["trim", "drop"] = Field(
+        "trim", description="A continuation cut by the token limit mid-sentence: 'trim' it to its "
+        "last sentence end (dropped when it has none), or 'drop' it.")
+    min_words: int = Field(8, ge=0, description="Shorter continuations are dropped (too_short).")
+    repeat_ngram: int = Field(3, ge=1, description="Words per n-gram of the repetition check.")
+    max_repeat_share: float = Field(0.3, ge=0, le=1, description="Largest share of repeated word "
+                                    "n-grams before a continuation is dropped (repetitive).")
+    max_prompt_overlap: float = Field(0.5, ge=0, le=1, description="Largest share of word 6-grams "
+                                      "copied from the prompt before it is dropped (echo).")
+    instructional_threshold: float = Field(0.5, gt=0, lt=1, description="Instructional-content "
+                                           "score at or above which a row is flagged instructional.")
+
+    @field_validator("split_max")
+    @classmethod
+    def _split_order(cls, v: float, info) -> float:
+        if v < info.data.get("split_min", 0.0):
+            raise ValueError(f"split_max {v} is below split_min {info.data['split_min']}")
+        return v
+
+
 class ModelsConfig(_Strict):
     generator: ModelConfig
     embedder: ModelConfig
@@ -286,6 +318,8 @@ class FinelakeConfig(_Strict):
     instantiate: InstantiateConfig = Field(default_factory=InstantiateConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    continue_: ContinueConfig = Field(default_factory=ContinueConfig, alias="continue",
+                                      description="The 'continue:' section (a Python keyword).")
     run: RunConfig = Field(default_factory=RunConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

@@ -154,10 +154,25 @@ BUDGET_LEDGER = TableDef(
     description="Per-document token budget accounting with rollover (§4.2).",
 )
 
+CONTINUATIONS = TableDef(
+    "continuations",
+    _schema(("doc_id", S), ("status", S), ("reason", S), ("prompt", S), ("continuation", S),
+            ("original_second_half", S), ("split_char", I64), ("split_fraction", F64),
+            ("split_unit", S), ("doc_chars", I64), ("raw_output", S), ("finish_reason", S),
+            ("prompt_tokens", I64), ("completion_tokens", I64), ("instructional_score", F64),
+            ("document_instructional_score", F64), ("prompt_instructional_score", F64),
+            ("continuation_instructional_score", F64),
+            ("instructional", B), ("flags", pa.list_(S)), ("model_id", S), ("prompt_version", S),
+            ("seed", I64), *LINEAGE),
+    key=("doc_id",),
+    description="Non-instructional data: a document's first half, a teacher's continuation (status "
+                "ok, dropped with a reason, or error) and instructional-content flags.",
+)
+
 ALL_TABLES: dict[str, TableDef] = {
     t.name: t
     for t in (QUERIES, DOCUMENTS, QUARANTINE, INGEST_DROPS, GENERICIZATIONS, TEMPLATES, MATCHES,
-              MATCH_LOG, INSTANTIATIONS, JUDGMENTS, PAIRS, BUDGET_LEDGER)
+              MATCH_LOG, INSTANTIATIONS, JUDGMENTS, PAIRS, BUDGET_LEDGER, CONTINUATIONS)
 }
 
 # ----------------------------------------------------------------------------- evaluation
