@@ -82,7 +82,9 @@ def test_instantiate_decomposed_builds_excerpt_answer():
     req = prompts.instantiate_request(DOC, TPL, "decomposed", 6000)
     assert req.messages[0]["content"].endswith(req.messages[0]["content"].split("Document:\n")[1])
     assert "Document:" in req.messages[0]["content"]  # the document is in the shared prefix
-    out = {"fills": ["wild boar"], "first": 4, "last": 4}
+    phrases = [p.text for p in req.phrases]
+    assert all(DOC[p.start:p.end] == p.text for p in req.phrases)  # fills come from the document
+    out = {"fills": [phrases.index("wild boar") + 1], "first": 4, "last": 4}
     jsonschema.validate(out, req.json_schema)
     res = prompts.parse_instantiate(DOC, TPL, req, json.dumps(out), "decomposed", 0.8)
     assert res.status == "ok", res.reason
@@ -95,9 +97,9 @@ def test_instantiate_decomposed_builds_excerpt_answer():
 def test_instantiate_null_and_invalid_outputs():
     req = prompts.instantiate_request(DOC, TPL, "decomposed", 6000)
     assert prompts.parse_instantiate(DOC, TPL, req, '{"compatible": false}', "decomposed", 0.8).status == "null"
-    bad = prompts.parse_instantiate(DOC, TPL, req, '{"fills": [" "], "first": 1, "last": 1}', "decomposed", 0.8)
-    assert (bad.status, bad.reason) == ("invalid", "empty_fill")
-    oor = prompts.parse_instantiate(DOC, TPL, req, '{"fills": ["x"], "first": 1, "last": 40}', "decomposed", 0.8)
+    bad = prompts.parse_instantiate(DOC, TPL, req, '{"fills": [0], "first": 1, "last": 1}', "decomposed", 0.8)
+    assert (bad.status, bad.reason) == ("invalid", "fill_out_of_range")
+    oor = prompts.parse_instantiate(DOC, TPL, req, '{"fills": [1], "first": 1, "last": 40}', "decomposed", 0.8)
     assert oor.reason == "sentence_out_of_range"
 
 

@@ -187,20 +187,23 @@ DIRECT_INSTANTIATE_SCHEMA = {
 }
 
 _INSTANTIATE_SYSTEM = (
-    "You write a realistic request about the document below by filling the blanks of a template "
-    "with words from the document, and you choose the sentences of the document that answer it. "
-    'If the document cannot answer the template, reply {"compatible":false}.'
+    "You write a realistic request about the document below by filling each blank of a template "
+    "with one of the numbered phrases of the document, and you choose the sentences of the "
+    'document that answer the request. If the document cannot answer it, reply {"compatible":false}.'
 )
+MAX_FILL_PHRASES = 40
 
 
 @dataclass
 class InstantiateRequest:
-    """Messages and schema for one (document, template) pair plus the numbered sentences."""
+    """Messages and schema for one (document, template) pair plus the numbered sentences and
+    the numbered phrases the slots are filled from (decomposed mode)."""
 
     messages: list[dict]
     json_schema: Optional[dict]
     sentences: list[Span] = field(default_factory=list)
     slots: list[str] = field(default_factory=list)
+    phrases: list[Span] = field(default_factory=list)
 
 
 def instantiate_request(document: str, template: str, mode: str, max_document_chars: int,
@@ -219,24 +222,30 @@ def instantiate_request(document: str, template: str, mode: str, max_document_ch
         payload = json.dumps({"instruction_template": template, "document": doc}, ensure_ascii=False)
         return InstantiateRequest([{"role": "user", "content": payload}], None, [], slots)
     sents = split_sentences(doc, max_chars=max_document_chars) or [Span(doc, 0, len(doc))]
+    phrases = candidate_spans(doc, max_spans=MAX_FILL_PHRASES, max_words=3, scan_chars=len(doc))
+    if not phrases:
+        phrases = [Span(doc[:40], 0, min(40, len(doc)))]
     numbered = "\n".join(f"[{i}] {s.text}" for i, s in enumerate(sents, 1))
+    listing = " ".join(f"{i}. {p.text}" for i, p in enumerate(phrases, 1))
     blanks = "\n".join(f"{i}. {d}" for i, d in enumerate(slots, 1))
     nums = list(range(1, len(sents) + 1))
     schema = {"anyOf": [
         {"type": "object", "properties": {"compatible": {"const": False}}, "required": ["compatible"]},
         {"type": "object", "properties": {
             "fills": {"type": "array", "minItems": len(slots), "maxItems": len(slots),
-                      "items": {"type": "string", "minLength": 2, "maxLength": 48}},
+                      "items": {"type": "integer", "enum": list(range(1, len(phrases) + 1))}},
             "first": {"type": "integer", "enum": nums},
             "last": {"type": "integer", "enum": nums}},
          "required": ["fills", "first", "last"]},
     ]}
     messages = [
-        {"role": "system", "content": _INSTANTIATE_SYSTEM + "\n\nDocument:\n" + numbered},
+        {"role": "system", "content": _INSTANTIATE_SYSTEM + "\n\nDocument:\n" + numbered
+                                      + "\n\nPhrases: " + listing},
         {"role": "user", "content": f"Template: {template}\nBlanks:\n{blanks}\n"
-                                    f"Fill every blank and give the first and last answer sentence."},
+                                    f"For each blank give the number of the phrase that fills it, then "
+                                    f"the first and last sentence of the answer."},
     ]
-    return InstantiateRequest(messages, schema, sents, slots)
+    return InstantiateRequest(messages, schema, sents, slots, phrases)
 
 
 @dataclass
@@ -280,9 +289,13 @@ def parse_instantiate(document: str, template: str, req: InstantiateRequest, out
             return InstantiateOutcome("invalid", reason="unparseable_output")
         if not isinstance(fills, list) or len(fills) != len(req.slots):
             return InstantiateOutcome("invalid", reason="wrong_number_of_fills")
-        fills = [re.sub(r"\s+", " ", str(f)).strip() for f in fills]
-        if any(not f or "<fi>" in f or "</fi>" in f for f in fills):
-            return InstantiateOutcome("invalid", reason="empty_fill")
+        try:
+            picks = [int(f) for f in fills]
+        except (TypeError, ValueError):
+            return InstantiateOutcome("invalid", reason="unparseable_output")
+        if any(not 1 <= p <= len(req.phrases) for p in picks):
+            return InstantiateOutcome("invalid", reason="fill_out_of_range")
+        fills = [req.phrases[p - 1].text for p in picks]
         if not (1 <= first <= len(req.sentences) and 1 <= last <= len(req.sentences)):
             return InstantiateOutcome("invalid", reason="sentence_out_of_range")
         first, last = min(first, last), max(first, last)

@@ -38,7 +38,8 @@ class Span:
     end: int
 
 
-def candidate_spans(query: str, max_spans: int = 8, max_words: int = 4) -> list[Span]:
+def candidate_spans(query: str, max_spans: int = 8, max_words: int = 4,
+                    scan_chars: int = 600) -> list[Span]:
     """Specific phrases of a query that a template could turn into ``<fi>`` slots.
 
     Runs of content words (no stop word or request verb, no punctuation between them) of at most
@@ -46,14 +47,14 @@ def candidate_spans(query: str, max_spans: int = 8, max_words: int = 4) -> list[
     position, deduplicated case-insensitively, at most ``max_spans``.
 
     Args:
-        query: the user query (any length; only the first 600 characters are scanned).
+        query: the user query or document (only the first ``scan_chars`` characters are scanned).
         max_spans: list length limit.
         max_words: words per span limit.
 
     Returns:
         Spans whose ``text`` is an exact substring of ``query`` at ``[start:end]``.
     """
-    text = query[:600]
+    text = query[:scan_chars]
     words = list(_WORD.finditer(text))
     spans: list[Span] = []
     seen: set[str] = set()
