@@ -624,6 +624,31 @@ def near_duplicates(spark, df, threshold: float, hash_tables: int) -> list[tuple
     return [(k[0], k[1], rid, sim) for k, (rid, sim) in sorted(dropped.items())]
 
 
+def check_invariant(table: str, rows_in: int, accepted: int, dropped: dict[str, int],
+                    quarantined: int) -> str:
+    """Check ``input rows = accepted + duplicates removed + decontaminated + quarantined``.
+
+    Args:
+        table: target table (for the message).
+        rows_in: input rows (blank JSONL lines excluded); ``accepted``: rows written or already
+            present; ``dropped``: removed rows by reason code (``contaminated`` is the
+            decontaminated count, every other code a duplicate); ``quarantined``: malformed rows.
+
+    Returns:
+        The equation as printed, e.g. ``"2000=1956+38+6+0 (input=accepted+...)"``.
+
+    Raises:
+        IngestInvariantError: the two sides differ.
+    """
+    n_cont = dropped.get("contaminated", 0)
+    n_dups = sum(v for k, v in dropped.items() if k != "contaminated")
+    equation = (f"{rows_in}={accepted}+{n_dups}+{n_cont}+{quarantined}"
+                f" (input=accepted+duplicates+decontaminated+quarantined)")
+    if rows_in != accepted + n_dups + n_cont + quarantined:
+        raise IngestInvariantError(f"ingest {table}: rows do not add up: {equation} is false")
+    return equation
+
+
 def _ingest_one(ctx: StageContext, t: _Target, spec: InputSpec, o: RowOptions, rows,
                 index: Optional[ContaminationIndex]) -> StageStats:
     from pyspark import StorageLevel
@@ -717,14 +742,7 @@ def _ingest_one(ctx: StageContext, t: _Target, spec: InputSpec, o: RowOptions, r
                         .agg(F.count(F.lit(1)).alias("n")).collect()} if drops_df is not None else {})
         for k, v in sorted(drop_counts.items()):
             stats.drop(k, v)
-        n_dropped = sum(drop_counts.values())
-        n_dups = sum(v for k, v in drop_counts.items() if k != "contaminated")
-        n_cont = drop_counts.get("contaminated", 0)
-
-        equation = (f"{rows_in}={n_accepted}+{n_dups}+{n_cont}+{quarantined}"
-                    f" (input=accepted+duplicates+decontaminated+quarantined)")
-        if rows_in != n_accepted + n_dropped + quarantined:
-            raise IngestInvariantError(f"ingest {name}: rows do not add up: {equation} is false")
+        equation = check_invariant(name, rows_in, n_accepted, drop_counts, quarantined)
 
         # 5. writes (insert-only merges on deterministic keys)
         res = lake.merge(t.tdef, accepted, ctx.run_id)

@@ -15,7 +15,9 @@ from deltalake import DeltaTable, write_deltalake
 from finelake.config import load_config
 from finelake.jobs.ingest import (
     RAW_MAX_CHARS,
+    IngestInvariantError,
     RowOptions,
+    check_invariant,
     main,
     read_prepared,
     resolve_input,
@@ -51,9 +53,9 @@ def _one_word_changed(text: str) -> str:
     return " ".join(ws)
 
 
-def _ctx(spark, tmp_path, name: str, *overrides: str) -> StageContext:
-    cfg = load_config("local", [f"catalog.database=ingest_{name}", *overrides],
-                      lake=str(tmp_path / "lake"))
+def _ctx(spark, tmp_path, name: str) -> StageContext:
+    """The local profile on a fresh lake, its tables registered under their own SQL database."""
+    cfg = load_config("local", [f"catalog.database=ingest_{name}"], lake=str(tmp_path / "lake"))
     return StageContext(cfg, run_id=f"test-{name}", spark=spark)
 
 
@@ -321,6 +323,13 @@ def test_bad_inputs_raise_clear_errors(spark, tmp_path):
         (tmp_path / "x.xlsx").write_bytes(b"PK")
         resolve_input(spark, str(tmp_path / "x.xlsx"), "queries")
     assert resolve_input(spark, None, "queries").path.endswith("queries.jsonl")
+
+
+def test_invariant_is_checked():
+    eq = check_invariant("queries", 10, 5, {"duplicate": 2, "near_duplicate": 1, "contaminated": 1}, 1)
+    assert eq.startswith("10=5+3+1+1")
+    with pytest.raises(IngestInvariantError, match="rows do not add up: 10=5\\+2\\+1\\+1"):
+        check_invariant("queries", 10, 5, {"duplicate": 2, "contaminated": 1}, 1)
 
 
 def test_main_delegates_to_the_cli(capsys):
