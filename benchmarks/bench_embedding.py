@@ -24,7 +24,7 @@ What it prints (one table):
   workers plus the JVM for Spark, read from /proc), compared with a one-thread matmul per CPU-second.
   On a shared machine wall-clock rates drop with the load; work per CPU-second barely does, so the
   CPU-time columns are the ones to compare between runs (OpenMP spin-waiting does count as CPU time);
-* unless --no-bf16: the direct run again in bfloat16 (this EPYC has AVX-512 BF16; on a CPU without
+* unless --bf16-docs 0: the direct run again in bfloat16 on the first 300 documents (this EPYC has AVX-512 BF16; on a CPU without
   it bf16 is slower) and the cosine between its vectors and the fp32 ones.
 
 Never reads outside the repository; the model is the embedded all-MiniLM-L6-v2 unless --model says.
@@ -189,6 +189,62 @@ def _probe(spark, cores: int) -> dict:
     return {int(r["pid"]): float(r["rss_mb"]) for r in rows}
 
 
+def _descendants(root: int) -> list[int]:
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+class CpuSampler:
+    """CPU seconds used by a process and its descendants (the JVM, the PySpark daemon and its
+    workers) while running: /proc is sampled every ``interval`` s, so a worker that Spark stops
+    (idle workers are stopped after a minute without activity) still counts up to its last sample."""
+
+    def __init__(self, root: int, interval: float = 0.5):
+        import threading
+
+        self.root, self.interval = root, interval
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        for p in [self.root, *_descendants(self.root)]:
+            c = proc_cpu_seconds(p)
+            if c == c:  # not NaN
+                self.first.setdefault(p, c)
+                self.last[p] = c
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def seconds(self, pids=None) -> float:
+        return sum(self.last[p] - self.first[p] for p in self.last if pids is None or p in pids)
+
+
 def run_spark(model_cfg: dict, texts: list[str], cores: int, arrow_batch: int) -> dict:
     import pandas as pd
     from pyspark.sql import SparkSession
@@ -224,18 +280,13 @@ def run_spark(model_cfg: dict, texts: list[str], cores: int, arrow_batch: int) -
         job(df.limit(16 * cores).repartition(cores))  # warm-up: every worker imports torch, loads
         warm = time.perf_counter() - t0
         jvm_pid = int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())  # noqa: SLF001
-        workers = _probe(spark, cores)
-        cpu0 = {p: proc_cpu_seconds(p) for p in [*workers, jvm_pid]}
-        t0 = time.perf_counter()
-        job(df)
-        secs = time.perf_counter() - t0
-        cpu1 = {p: proc_cpu_seconds(p) for p in cpu0}
+        with CpuSampler(jvm_pid) as cpu:
+            t0 = time.perf_counter()
+            job(df)
+            secs = time.perf_counter() - t0
         after = _probe(spark, cores)
-        # CPU time is only attributable when the same workers ran the timed job.
-        same = set(after) == set(workers)
-        cpu = sum(cpu1[p] - cpu0[p] for p in cpu0) if same else float("nan")
-        return {"seconds": secs, "warmup_seconds": warm, "cpu_seconds": cpu,
-                "jvm_cpu_seconds": cpu1[jvm_pid] - cpu0[jvm_pid],
+        return {"seconds": secs, "warmup_seconds": warm, "cpu_seconds": cpu.seconds(),
+                "jvm_cpu_seconds": cpu.seconds([jvm_pid]),
                 "worker_rss_mb": max(after.values()), "workers": len(after),
                 "jvm_hwm_mb": vm_hwm_mb(jvm_pid)}
     finally:
@@ -258,7 +309,8 @@ def main(argv=None) -> int:
                     help="spark.sql.execution.arrow.maxRecordsPerBatch (texts length-sorted together)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the direct run (0: all cores)")
     ap.add_argument("--no-spark", action="store_true")
-    ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 comparison run")
+    ap.add_argument("--bf16-docs", type=int, default=300,
+                    help="documents of the bfloat16 comparison run (0: skip it)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -285,10 +337,13 @@ def main(argv=None) -> int:
     mean_len = tokens / len(texts)
     padded = d["padded_tokens"]
     bf = None
-    if not args.no_bf16 and args.dtype != "bfloat16":
+    if args.bf16_docs and args.dtype != "bfloat16":
+        nb = min(args.bf16_docs, len(texts))
         bf_cfg = {**model_cfg, "options": {**model_cfg["options"], "dtype": "bfloat16"}}
-        bf = run_direct(bf_cfg, texts, threads)
-        cos = (bf["out"] * d["out"]).sum(-1)
+        bf = run_direct(bf_cfg, texts[:nb], threads)
+        bf["docs"], bf["tokens"] = nb, sum(lengths[:nb])
+        bf["flops"] = encoder_flops(emb._transformer.auto_model.config, lengths[:nb])[1]  # noqa: SLF001
+        cos = (bf["out"] * d["out"][:nb]).sum(-1)
         bf["cos_min"], bf["cos_mean"] = float(cos.min()), float(cos.mean())
         del bf["embedder"], bf["out"]
     del d["out"]
@@ -322,9 +377,10 @@ def main(argv=None) -> int:
     add("direct: per CPU-second", f"{flops / dc / 1e9:.1f} GFLOP/cpu-s",
         f"{flops / dc / 1e9 / core_fp32:.2f} of 1-thread matmul; {dc:.1f} cpu-s")
     if bf:
-        add("direct bf16: docs/s, tokens/s", f"{len(texts) / bf['seconds']:.1f} , "
-            f"{tokens / bf['seconds']:.0f}", f"{bf['seconds']:.1f} s; {flops / bf['cpu_seconds'] / 1e9:.1f} "
-            f"GFLOP/cpu-s = {d['cpu_seconds'] / bf['cpu_seconds']:.2f}x fp32 per CPU-second")
+        bf_rate = bf["flops"] / bf["cpu_seconds"] / 1e9
+        add("direct bf16: docs/s, tokens/s", f"{bf['docs'] / bf['seconds']:.1f} , "
+            f"{bf['tokens'] / bf['seconds']:.0f}", f"first {bf['docs']} docs, {bf['seconds']:.1f} s; "
+            f"{bf_rate:.1f} GFLOP/cpu-s = {bf_rate / (flops / dc / 1e9):.2f}x fp32 per CPU-second")
         add("bf16 vs fp32 vectors", f"cosine min {bf['cos_min']:.5f}", f"mean {bf['cos_mean']:.6f}")
     if sp:
         ss = sp["seconds"]
