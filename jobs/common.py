@@ -75,3 +75,28 @@ def arrow_from_rows(rows: list[dict], tdef: TableDef) -> pa.Table:
     """Rows (dicts) to an Arrow table with the table's schema (missing columns become null)."""
     cols = {f.name: [r.get(f.name) for r in rows] for f in tdef.schema}
     return pa.Table.from_pydict(cols, schema=tdef.schema)
+
+
+def _rows_to_batches(batches, fn, schema):
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        rows = fn(batch.to_pandas())
+        if rows:
+            yield pa.RecordBatch.from_pylist(rows, schema=schema)
+
+
+def map_rows(df, fn, tdef: TableDef, drop=("run_id",)):
+    """Apply ``fn(pandas.DataFrame) -> list[dict]`` to every Arrow batch of ``df`` on the
+    executors and return the rows as a DataFrame with ``tdef``'s columns (less ``drop``).
+
+    Rows are built into Arrow record batches with the table's own schema (``mapInArrow``), so
+    a missing value is simply ``None`` and no pandas dtype inference happens on the way back.
+    """
+    import functools
+
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    schema = pa.schema([f for f in tdef.schema if f.name not in drop])
+    return df.mapInArrow(functools.partial(_rows_to_batches, fn=fn, schema=schema),
+                         from_arrow_schema(schema))

@@ -198,7 +198,8 @@ def _markdown(cfg, totals, versions, budget, evals, files) -> str:
                   f"{st.extra['train_loss']:.3f} | {st.extra['tokens_per_s']:.0f}")
         else:
             tr = "– | – | – | –"
-        lines.append(f"| {name} | {tr} | " + " | ".join(_fmt(m.get(k), k in pct) for k, _ in HEADLINE) + " |")
+        fmt = ev.extra.get("prompt_format")
+        lines.append(f"| {name}{f' ({fmt} prompt)' if fmt else ''} | {tr} | " + " | ".join(_fmt(m.get(k), k in pct) for k, _ in HEADLINE) + " |")
     lines.append("")
     for key, title in (("loss", "Loss curves"), ("metrics", "Headline metrics"),
                        ("shift", "Token distribution shift")):

@@ -563,7 +563,8 @@ def run_evaluate(ctx: StageContext, model: Optional[str] = None, base: Optional[
     if eval_rows:
         lake.merge(EVALUATIONS, arrow_from_rows(eval_rows, EVALUATIONS), run_id=ctx.run_id, update=True)
     stats.rows_out = len(eval_rows)
-    stats.extra.update({"model": mut.label, "mlflow_run_id": run_id, "eval_version": eval_version,
+    stats.extra.update({"model": mut.label, "prompt_format": mut.prompt_format,
+                        "mlflow_run_id": run_id, "eval_version": eval_version,
                         **{k: round(v, 3) for k, v in metrics.items() if k in _SUMMARY}})
     stats.metrics = metrics  # every metric, for callers (compare); the summary line keeps a few
     stats.shift = shift

@@ -18,11 +18,9 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Iterator
-
 import pandas as pd
 
-from finelake.jobs.common import fail_point, limit_ordered, model_label, model_spec, require
+from finelake.jobs.common import fail_point, limit_ordered, map_rows, model_label, model_spec, require
 from finelake.method import prompts, templates
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import GENERICIZATIONS, QUERIES, TEMPLATES
@@ -30,9 +28,9 @@ from finelake.tables import GENERICIZATIONS, QUERIES, TEMPLATES
 STAGE = "genericize"
 
 
-def genericize_partition(batches: Iterator[pd.DataFrame], spec: dict, mode: str, max_slots: int,
-                         prompt_version: str) -> Iterator[pd.DataFrame]:
-    """Executor side: queries (query_id, query) in, ``genericizations`` rows out.
+def genericize_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_slots: int,
+                    prompt_version: str) -> list[dict]:
+    """Executor side: a batch of queries (query_id, query) in, ``genericizations`` rows out.
 
     The model is reached through :func:`finelake.udfs.generation.generate_frame` (loaded once per
     Python worker). A failed generation gives status ``error`` for that row only.
@@ -40,44 +38,37 @@ def genericize_partition(batches: Iterator[pd.DataFrame], spec: dict, mode: str,
     from finelake.udfs.generation import generate_frame
 
     label = model_label(spec)
-    for pdf in batches:
-        reqs = [prompts.genericize_request(q, mode, max_slots) for q in pdf["query"]]
-        todo = [i for i, r in enumerate(reqs) if r is not None]
-        gen = generate_frame(spec, pd.DataFrame({
-            "messages": [json.dumps(reqs[i].messages, ensure_ascii=False) for i in todo],
-            "json_schema": [json.dumps(reqs[i].json_schema) for i in todo],
-            "max_tokens": [spec.get("max_tokens")] * len(todo),
-        })) if todo else None
-        out = {i: None for i in range(len(pdf))}
-        for j, i in enumerate(todo):
-            out[i] = gen.iloc[j]
-        rows = []
-        for i, (qid, q) in enumerate(zip(pdf["query_id"], pdf["query"])):
-            base = {"query_id": qid, "model_id": label, "prompt_version": prompt_version}
-            g = out[i]
-            if reqs[i] is None:
-                rows.append({**base, "status": "invalid", "reason": "no_candidate_span"})
-                continue
-            if g is None or (isinstance(g["error"], str) and g["error"]):
-                rows.append({**base, "status": "error", "reason": f"generation_error: {g['error'] if g is not None else 'missing'}"})
-                continue
-            res = prompts.parse_genericize(q, reqs[i], g["text"], mode)
-            row = {**base, "raw_output": g["text"], "template": res.template,
-                   "compatible_document_description": res.compatible_document_description}
-            if res.ok:
-                row.update(status="ok", template_id=templates.template_id(res.template),
-                           num_slots=templates.num_slots(res.template))
-            else:
-                row.update(status="invalid", reason=res.reason)
-            rows.append(row)
-        yield pd.DataFrame(rows, columns=[c for c in GENERICIZATIONS.columns if c != "run_id"])
-
-
-def _spark_schema(tdef, drop=("run_id",)):
-    from pyspark.sql.pandas.types import from_arrow_schema
-    import pyarrow as pa
-
-    return from_arrow_schema(pa.schema([f for f in tdef.schema if f.name not in drop]))
+    reqs = [prompts.genericize_request(q, mode, max_slots) for q in pdf["query"]]
+    todo = [i for i, r in enumerate(reqs) if r is not None]
+    gen = generate_frame(spec, pd.DataFrame({
+        "messages": [json.dumps(reqs[i].messages, ensure_ascii=False) for i in todo],
+        "json_schema": [json.dumps(reqs[i].json_schema) for i in todo],
+        "max_tokens": [spec.get("max_tokens")] * len(todo),
+    })) if todo else None
+    out = {i: None for i in range(len(pdf))}
+    for j, i in enumerate(todo):
+        out[i] = gen.iloc[j]
+    rows = []
+    for i, (qid, q) in enumerate(zip(pdf["query_id"], pdf["query"])):
+        base = {"query_id": qid, "model_id": label, "prompt_version": prompt_version}
+        g = out[i]
+        if reqs[i] is None:
+            rows.append({**base, "status": "invalid", "reason": "no_candidate_span"})
+            continue
+        if g is None or (isinstance(g["error"], str) and g["error"]):
+            rows.append({**base, "status": "error", "reason": f"generation_error: {g['error'] if g is not None else 'missing'}"})
+            continue
+        text = g["text"] if isinstance(g["text"], str) else None
+        res = prompts.parse_genericize(q, reqs[i], text, mode)
+        row = {**base, "raw_output": text, "template": res.template,
+               "compatible_document_description": res.compatible_document_description}
+        if res.ok:
+            row.update(status="ok", template_id=templates.template_id(res.template),
+                       num_slots=templates.num_slots(res.template))
+        else:
+            row.update(status="invalid", reason=res.reason)
+        rows.append(row)
+    return rows
 
 
 def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
@@ -109,15 +100,14 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
     n_pending = pending.count()
     stats.skipped = stats.rows_in - n_pending
     spec = model_spec(gcfg.model or cfg.models.generator)
-    fn = functools.partial(genericize_partition, spec=spec, mode=gcfg.mode, max_slots=gcfg.max_slots,
+    fn = functools.partial(genericize_rows, spec=spec, mode=gcfg.mode, max_slots=gcfg.max_slots,
                            prompt_version=gcfg.prompt_version)
     n_chunks = max(1, math.ceil(n_pending / gcfg.chunk_rows)) if n_pending else 0
     parallelism = ctx.spark.sparkContext.defaultParallelism
-    schema = _spark_schema(GENERICIZATIONS)
     bucketed = pending.withColumn("_chunk", F.abs(F.xxhash64("query_id")) % F.lit(max(n_chunks, 1)))
     for c in range(n_chunks):
         part = bucketed.where(F.col("_chunk") == c).drop("_chunk").repartition(parallelism)
-        out = part.mapInPandas(fn, schema)
+        out = map_rows(part, fn, GENERICIZATIONS)
         lake.merge(GENERICIZATIONS, out, ctx.run_id)
         fail_point(STAGE, c + 1)
     queries.unpersist()

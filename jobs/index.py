@@ -42,7 +42,7 @@ def latest_index(lake_root: str) -> dict:
 
 def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
     """Build (or confirm) the template index for the current ``templates`` table."""
-    from finelake.models.index import TemplateIndex, build_index
+    from finelake.models.index import build_index
     from finelake.udfs.embedding import map_embeddings
 
     cfg = ctx.cfg

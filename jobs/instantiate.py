@@ -20,11 +20,9 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Iterator
-
 import pandas as pd
 
-from finelake.jobs.common import fail_point, model_label, model_spec, require, stable_hash
+from finelake.jobs.common import fail_point, map_rows, model_label, model_spec, require, stable_hash
 from finelake.method import prompts
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import DOCUMENTS, INSTANTIATIONS, MATCHES, TEMPLATES
@@ -37,41 +35,38 @@ def pair_key(doc_id: str, template_id: str) -> str:
     return stable_hash(doc_id, template_id, n=20)
 
 
-def instantiate_partition(batches: Iterator[pd.DataFrame], spec: dict, mode: str,
-                          max_document_chars: int, min_excerpt_ratio: float,
-                          max_answer_sentences: int, prompt_version: str) -> Iterator[pd.DataFrame]:
+def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_chars: int,
+                     min_excerpt_ratio: float, max_answer_sentences: int,
+                     prompt_version: str) -> list[dict]:
     """Executor side: (doc_id, template_id, text, template) rows, grouped by document, in;
     ``instantiations`` rows out. The model is reached through the UDF layer (once per worker)."""
     from finelake.udfs.generation import generate_frame
 
     label = model_label(spec)
-    cols = [c for c in INSTANTIATIONS.columns if c != "run_id"]
-    for pdf in batches:
-        if pdf.empty:
+    reqs = [prompts.instantiate_request(d, t, mode, max_document_chars, max_answer_sentences)
+            for d, t in zip(pdf["text"], pdf["template"])]
+    gen = generate_frame(spec, pd.DataFrame({
+        "messages": [json.dumps(r.messages, ensure_ascii=False) for r in reqs],
+        "json_schema": [json.dumps(r.json_schema) if r.json_schema else None for r in reqs],
+        "max_tokens": [spec.get("max_tokens")] * len(reqs),
+    }))
+    rows = []
+    for i, r in enumerate(reqs):
+        doc_id, tid, doc, tpl = (pdf["doc_id"].iloc[i], pdf["template_id"].iloc[i],
+                                 pdf["text"].iloc[i], pdf["template"].iloc[i])
+        base = {"pair_key": pair_key(doc_id, tid), "doc_id": doc_id, "template_id": tid,
+                "model_id": label, "prompt_version": prompt_version}
+        g = gen.iloc[i]
+        if isinstance(g["error"], str) and g["error"]:
+            rows.append({**base, "status": "error", "reason": f"generation_error: {g['error']}"})
             continue
-        reqs = [prompts.instantiate_request(d, t, mode, max_document_chars, max_answer_sentences)
-                for d, t in zip(pdf["text"], pdf["template"])]
-        gen = generate_frame(spec, pd.DataFrame({
-            "messages": [json.dumps(r.messages, ensure_ascii=False) for r in reqs],
-            "json_schema": [json.dumps(r.json_schema) if r.json_schema else None for r in reqs],
-            "max_tokens": [spec.get("max_tokens")] * len(reqs),
-        }))
-        rows = []
-        for i, r in enumerate(reqs):
-            doc_id, tid, doc, tpl = (pdf["doc_id"].iloc[i], pdf["template_id"].iloc[i],
-                                     pdf["text"].iloc[i], pdf["template"].iloc[i])
-            base = {"pair_key": pair_key(doc_id, tid), "doc_id": doc_id, "template_id": tid,
-                    "model_id": label, "prompt_version": prompt_version}
-            g = gen.iloc[i]
-            if isinstance(g["error"], str) and g["error"]:
-                rows.append({**base, "status": "error", "reason": f"generation_error: {g['error']}"})
-                continue
-            o = prompts.parse_instantiate(doc, tpl, r, g["text"], mode, min_excerpt_ratio,
-                                          max_answer_sentences)
-            rows.append({**base, "status": o.status, "instruction": o.instruction, "answer": o.answer,
-                         "excerpt_ratio": o.excerpt_ratio, "reason": o.reason,
-                         "raw_output": g["text"]})
-        yield pd.DataFrame(rows, columns=cols)
+        text = g["text"] if isinstance(g["text"], str) else None
+        o = prompts.parse_instantiate(doc, tpl, r, text, mode, min_excerpt_ratio,
+                                      max_answer_sentences)
+        rows.append({**base, "status": o.status, "instruction": o.instruction, "answer": o.answer,
+                     "excerpt_ratio": o.excerpt_ratio, "reason": o.reason,
+                     "raw_output": text})
+    return rows
 
 
 def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
@@ -82,8 +77,6 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
         FinelakeError: matches, documents or templates missing.
     """
     from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema
-    import pyarrow as pa
 
     cfg, lake = ctx.cfg, ctx.lake
     ic = cfg.instantiate
@@ -106,18 +99,17 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
     n_docs = work.select("doc_id").distinct().count()
     n_chunks = max(1, math.ceil(n_docs / ic.chunk_documents)) if n_pending else 0
     spec = model_spec(ic.model or cfg.models.generator)
-    fn = functools.partial(instantiate_partition, spec=spec, mode=ic.mode,
+    fn = functools.partial(instantiate_rows, spec=spec, mode=ic.mode,
                            max_document_chars=ic.max_document_chars,
                            min_excerpt_ratio=ic.min_excerpt_ratio,
                            max_answer_sentences=ic.max_answer_sentences,
                            prompt_version=ic.prompt_version)
-    schema = from_arrow_schema(pa.schema([f for f in INSTANTIATIONS.schema if f.name != "run_id"]))
     par = ctx.spark.sparkContext.defaultParallelism
     bucketed = work.withColumn("_chunk", F.abs(F.xxhash64("doc_id")) % F.lit(max(n_chunks, 1)))
     for c in range(n_chunks):
         part = (bucketed.where(F.col("_chunk") == c).drop("_chunk")
                 .repartition(par, "doc_id").sortWithinPartitions("doc_id", "sample_rank"))
-        lake.merge(INSTANTIATIONS, part.mapInPandas(fn, schema), ctx.run_id)
+        lake.merge(INSTANTIATIONS, map_rows(part, fn, INSTANTIATIONS), ctx.run_id)
         fail_point(STAGE, c + 1)
     work.unpersist()
     rows = lake.read(INSTANTIATIONS).join(matches.select("pair_key"), "pair_key", "left_semi")

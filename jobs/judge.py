@@ -12,34 +12,31 @@ user can ask in SQL why pairs were dropped::
 from __future__ import annotations
 
 import functools
-from typing import Iterator
-
 import pandas as pd
 
-from finelake.jobs.common import require
+from finelake.jobs.common import map_rows, require
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import INSTANTIATIONS, JUDGMENTS
 
 STAGE = "judge"
 
 
-def judge_partition(batches: Iterator[pd.DataFrame], spec: dict, min_score: int,
-                    prompt_version: str) -> Iterator[pd.DataFrame]:
-    """Executor side: (pair_key, doc_id, template_id, instruction, answer) in, ``judgments`` rows out."""
+def judge_rows(pdf: pd.DataFrame, spec: dict, min_score: int, prompt_version: str) -> list[dict]:
+    """Executor side: (pair_key, doc_id, template_id, instruction, answer) in, ``judgments`` rows
+    out; a pair whose score could not be obtained is not kept and its reason says why."""
     from finelake.udfs.judge import judge_frame
 
-    cols = [c for c in JUDGMENTS.columns if c != "run_id"]
-    for pdf in batches:
-        if pdf.empty:
-            continue
-        j = judge_frame(spec, pdf)
-        out = pdf[["pair_key", "doc_id", "template_id"]].reset_index(drop=True).copy()
-        out["judge_score"] = j["judge_score"].astype("Int32")
-        out["judge_reason"] = j["judge_reason"]
-        out["kept"] = [bool(s is not None and not pd.isna(s) and int(s) >= min_score) for s in j["judge_score"]]
-        out["judge_model"] = j["judge_model"]
-        out["prompt_version"] = prompt_version
-        yield out[cols]
+    j = judge_frame(spec, pdf)
+    rows = []
+    for i in range(len(pdf)):
+        s = j["judge_score"].iloc[i]
+        score = None if s is None or pd.isna(s) else int(s)
+        rows.append({"pair_key": pdf["pair_key"].iloc[i], "doc_id": pdf["doc_id"].iloc[i],
+                     "template_id": pdf["template_id"].iloc[i], "judge_score": score,
+                     "judge_reason": j["judge_reason"].iloc[i],
+                     "kept": score is not None and score >= min_score,
+                     "judge_model": j["judge_model"].iloc[i], "prompt_version": prompt_version})
+    return rows
 
 
 def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
@@ -48,9 +45,6 @@ def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     Raises:
         FinelakeError: ``instantiations`` missing (run ``finelake instantiate``).
     """
-    import pyarrow as pa
-    from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema
 
     cfg, lake = ctx.cfg, ctx.lake
     stats = StageStats(STAGE)
@@ -64,11 +58,10 @@ def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     stats.skipped = stats.rows_in - n_pending
     if n_pending:
         spec = cfg.models.judge.model_dump()
-        fn = functools.partial(judge_partition, spec=spec, min_score=cfg.judge.min_score,
+        fn = functools.partial(judge_rows, spec=spec, min_score=cfg.judge.min_score,
                                prompt_version=cfg.judge.prompt_version)
-        schema = from_arrow_schema(pa.schema([f for f in JUDGMENTS.schema if f.name != "run_id"]))
         par = ctx.spark.sparkContext.defaultParallelism
-        lake.merge(JUDGMENTS, pending.repartition(par).mapInPandas(fn, schema), ctx.run_id)
+        lake.merge(JUDGMENTS, map_rows(pending.repartition(par), fn, JUDGMENTS), ctx.run_id)
     j = lake.read(JUDGMENTS).join(ok.select("pair_key"), "pair_key", "left_semi")
     for r in j.groupBy("kept").count().collect():
         if r["kept"]:

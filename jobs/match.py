@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from finelake.jobs.common import limit_ordered, model_label, require
+from finelake.jobs.common import limit_ordered, require
 from finelake.jobs.index import latest_index
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import DOCUMENTS, GENERICIZATIONS, MATCH_LOG, MATCHES, TEMPLATES

@@ -113,7 +113,7 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
     if ratios:
         _hist_plot(ratios, 20, "Excerpt ratio of instantiated answers", "excerpted share",
                    os.path.join(out, "excerpt_ratio.png"))
-        lines += [f"![excerpt ratio](excerpt_ratio.png)", "",
+        lines += ["![excerpt ratio](excerpt_ratio.png)", "",
                   f"Excerpt ratio: min {min(ratios):.2f}, median {sorted(ratios)[len(ratios) // 2]:.2f}; "
                   f"threshold {cfg.instantiate.min_excerpt_ratio}.", ""]
     if scores:
