@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from finelake.jobs.common import require
+from finelake.jobs.common import job_main, require
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import (BUDGET_LEDGER, DOCUMENTS, INSTANTIATIONS, JUDGMENTS, MATCH_LOG, MATCHES,
                              PAIRS)
@@ -123,11 +123,7 @@ def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> Stage
 
 
 def main(argv=None):
-    import sys
-
-    from finelake.cli import main as cli_main
-
-    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+    job_main(STAGE, argv)
 
 
 if __name__ == "__main__":

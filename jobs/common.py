@@ -100,3 +100,22 @@ def map_rows(df, fn, tdef: TableDef, drop=("run_id",)):
     schema = pa.schema([f for f in tdef.schema if f.name not in drop])
     return df.mapInArrow(functools.partial(_rows_to_batches, fn=fn, schema=schema),
                          from_arrow_schema(schema))
+
+
+def count_outcomes(stats, df, ok_status: str = "ok") -> None:
+    """Add a stage table's rows to ``stats``: ``status == ok_status`` counts as output, every other
+    (status, reason prefix) as a drop reason. ``df`` has ``status`` and ``reason`` columns."""
+    for r in df.groupBy("status", "reason").count().collect():
+        if r["status"] == ok_status:
+            stats.rows_out += r["count"]
+        else:
+            stats.drop(f"{r['status']}:{(r['reason'] or '').split(':')[0]}", r["count"])
+
+
+def job_main(command: str, argv=None) -> None:
+    """``spark-submit jobs/<job>.py ARGS`` entry point: the same as ``finelake <command> ARGS``."""
+    import sys
+
+    from finelake.cli import main as cli_main
+
+    cli_main([command, *(sys.argv[1:] if argv is None else argv)])

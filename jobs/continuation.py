@@ -251,10 +251,9 @@ def run_continue(ctx: StageContext, max_documents: Optional[int] = None,
 
 
 def main(argv=None):
-    from finelake.cli import main as cli_main
-    import sys
+    from finelake.jobs.common import job_main
 
-    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+    job_main(STAGE, argv)
 
 
 if __name__ == "__main__":

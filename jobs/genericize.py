@@ -20,7 +20,8 @@ import json
 import math
 import pandas as pd
 
-from finelake.jobs.common import fail_point, limit_ordered, map_rows, model_label, model_spec, require
+from finelake.jobs.common import (count_outcomes, fail_point, job_main, limit_ordered, map_rows,
+                                  model_label, model_spec, require)
 from finelake.method import prompts, templates
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import GENERICIZATIONS, QUERIES, TEMPLATES
@@ -115,11 +116,7 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
 
     # Account for every query of this run, then rebuild the merged templates.
     gen = lake.read(GENERICIZATIONS).join(queries.select("query_id"), "query_id", "left_semi")
-    for r in gen.groupBy("status", "reason").count().collect():
-        if r["status"] == "ok":
-            stats.rows_out += r["count"]
-        else:
-            stats.drop(f"{r['status']}:{(r['reason'] or '').split(':')[0]}", r["count"])
+    count_outcomes(stats, gen)
     ok = lake.read(GENERICIZATIONS).where("status = 'ok'")
     merged = (ok.groupBy("template_id").agg(
         F.first("template").alias("template"),
@@ -140,10 +137,7 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
 
 
 def main(argv=None):
-    from finelake.cli import main as cli_main
-    import sys
-
-    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+    job_main(STAGE, argv)
 
 
 if __name__ == "__main__":

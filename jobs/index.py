@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from finelake.jobs.common import require
+from finelake.jobs.common import job_main, require
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import TEMPLATES
 
@@ -76,11 +76,7 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
 
 
 def main(argv=None):
-    import sys
-
-    from finelake.cli import main as cli_main
-
-    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+    job_main(STAGE, argv)
 
 
 if __name__ == "__main__":

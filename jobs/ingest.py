@@ -61,7 +61,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -834,9 +833,9 @@ def run_ingest(ctx: StageContext, queries: Optional[str] = None, documents: Opti
 
 def main(argv: Optional[list[str]] = None) -> None:
     """``spark-submit jobs/ingest.py --conf conf/local.yaml [--queries PATH ...]``: the CLI's ingest."""
-    from finelake.cli import main as cli_main
+    from finelake.jobs.common import job_main
 
-    cli_main(["ingest", *(sys.argv[1:] if argv is None else argv)])
+    job_main("ingest", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

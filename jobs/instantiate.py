@@ -22,7 +22,8 @@ import json
 import math
 import pandas as pd
 
-from finelake.jobs.common import fail_point, map_rows, model_label, model_spec, require, stable_hash
+from finelake.jobs.common import (count_outcomes, fail_point, job_main, map_rows, model_label,
+                                  model_spec, require, stable_hash)
 from finelake.method import prompts
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import DOCUMENTS, INSTANTIATIONS, MATCHES, TEMPLATES
@@ -113,22 +114,14 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
         fail_point(STAGE, c + 1)
     work.unpersist()
     rows = lake.read(INSTANTIATIONS).join(matches.select("pair_key"), "pair_key", "left_semi")
-    for r in rows.groupBy("status", "reason").count().collect():
-        if r["status"] == "ok":
-            stats.rows_out += r["count"]
-        else:
-            stats.drop(f"{r['status']}:{(r['reason'] or '').split(':')[0]}", r["count"])
+    count_outcomes(stats, rows)
     matches.unpersist()
     lake.register(INSTANTIATIONS)
     return stats.finish()
 
 
 def main(argv=None):
-    import sys
-
-    from finelake.cli import main as cli_main
-
-    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+    job_main(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import pandas as pd
 
-from finelake.jobs.common import map_rows, require
+from finelake.jobs.common import job_main, map_rows, require
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import INSTANTIATIONS, JUDGMENTS
 
@@ -77,11 +77,7 @@ def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
 
 
 def main(argv=None):
-    import sys
-
-    from finelake.cli import main as cli_main
-
-    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+    job_main(STAGE, argv)
 
 
 if __name__ == "__main__":

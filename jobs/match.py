@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from finelake.jobs.common import limit_ordered, require
+from finelake.jobs.common import job_main, limit_ordered, require
 from finelake.jobs.index import latest_index
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import DOCUMENTS, GENERICIZATIONS, MATCH_LOG, MATCHES, TEMPLATES
@@ -196,11 +196,7 @@ def calibrate(ctx: StageContext, n: int = 200) -> str:
 
 
 def main(argv=None):
-    import sys
-
-    from finelake.cli import main as cli_main
-
-    cli_main([STAGE, *(sys.argv[1:] if argv is None else argv)])
+    job_main(STAGE, argv)
 
 
 if __name__ == "__main__":

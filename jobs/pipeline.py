@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+from finelake.jobs.common import job_main
 from finelake.runtime import StageContext, StageStats
 
 STAGES = ("genericize", "index", "match", "instantiate", "judge", "budget")
@@ -68,11 +69,7 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
 
 
 def main(argv=None):
-    import sys
-
-    from finelake.cli import main as cli_main
-
-    cli_main(["run", *(sys.argv[1:] if argv is None else argv)])
+    job_main("run", argv)
 
 
 if __name__ == "__main__":
