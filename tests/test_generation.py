@@ -192,3 +192,28 @@ def test_sampling_is_reproducible_with_a_seed(llama):
     assert a.text == b.text
     greedy = llama.generate([_chat("Invent a name for a cat.", max_tokens=12)])[0]
     assert len({a.text, c.text, greedy.text}) >= 2  # sampling is not greedy decoding
+
+
+def test_requantize_auto_converts_q4_1_once_to_q8_0(tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    from finelake.models.llama_cpp_backend import requantized_gguf
+
+    monkeypatch.setenv("FINELAKE_CACHE", str(tmp_path))
+    g = _llama(n_parallel=1)
+    try:
+        assert g.requantize == "q8_0" and g.path.startswith(str(tmp_path))
+        assert g._file_type(g.source_path) == 3 and g._file_type(g.path) == 7  # Q4_1 -> Q8_0
+        mtime = (tmp_path / "gguf" / g.path.split("/")[-1]).stat().st_mtime_ns
+        assert requantized_gguf(g.source_path, "q8_0") == g.path  # cached, not redone
+        assert (tmp_path / "gguf" / g.path.split("/")[-1]).stat().st_mtime_ns == mtime
+        (r,) = g.generate([_chat("Say hi.", max_tokens=3)])
+        assert r.error is None and r.text
+    finally:
+        g.close()
+    raw = _llama(n_parallel=1, requantize=None)
+    try:
+        assert raw.path == raw.source_path and raw.path.endswith("Q4_1.gguf")
+    finally:
+        raw.close()
+    with pytest.raises(ValueError, match="requantize must be one of"):
+        requantized_gguf(g.source_path, "q3_k")
