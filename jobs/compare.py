@@ -172,7 +172,7 @@ def _plots(out: str, curves: dict, evals: list) -> dict[str, str]:
 def _fmt(v, pct: bool = False) -> str:
     if v is None or v != v:  # None or NaN
         return "–"
-    return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
+    return f"{100 * v:.1f}%" if pct else f"{v:.3g}"
 
 
 def _markdown(cfg, totals, versions, budget, evals, files) -> str:
@@ -238,7 +238,8 @@ def _paragraph(cfg, evals, budget) -> str:
                          f"{b['token_shift.kl_mean']:.3f} vs {a['token_shift.kl_mean']:.3f} "
                          f"nats/token), which {agree} in direction with the limitations paper "
                          "(LoRA mostly changes style tokens, full fine-tuning changes more); "
-                         f"{int(a.get('token_shift.n_tokens', 0))} generated tokens were compared.")
+                         f"measured over {int(a.get('token_shift.n_tokens', 0))} (LoRA) and "
+                         f"{int(b.get('token_shift.n_tokens', 0))} (full) generated tokens.")
     if not any(name.startswith("pairs:") for name in by):
         parts.append("Pairs vs documents is not in this grid (no `pairs` run).")
     judge = cfg.evaluate.judge or cfg.models.generator
