@@ -240,6 +240,10 @@ def _paragraph(cfg, evals, budget) -> str:
                          "(LoRA mostly changes style tokens, full fine-tuning changes more); "
                          f"measured over {int(a.get('token_shift.n_tokens', 0))} (LoRA) and "
                          f"{int(b.get('token_shift.n_tokens', 0))} (full) generated tokens.")
+            if a["token_shift.kl_mean"] < 1e-3:
+                parts.append(f"The LoRA model barely moved at all (KL {a['token_shift.kl_mean']:.1e} "
+                             "nats/token): with adapters that start at zero, this learning rate and "
+                             "this few steps, that says more about the step count than about LoRA.")
     if not any(name.startswith("pairs:") for name in by):
         parts.append("Pairs vs documents is not in this grid (no `pairs` run).")
     judge = cfg.evaluate.judge or cfg.models.generator
