@@ -53,7 +53,7 @@ def test_spans_json_parses_for_all_20_queries():
     queries = _queries()
     assert len(queries) == 20
     gen = create_generator({"backend": "llama_cpp", "model": "embedded:smollm2-135m-instruct",
-                            "batch_size": 8, "options": {"n_ctx": 1024}})
+                            "batch_size": 20, "options": {"n_ctx": 1024, "n_threads": 1}})
     try:
         res = gen.generate([GenerationRequest(
             messages=[{"role": "system", "content": PROMPT}, {"role": "user", "content": q}],

@@ -173,12 +173,13 @@ def test_real_vllm_cpu_json_schema():
               "properties": {"topic": {"type": "string", "maxLength": 40},
                              "difficulty": {"type": "integer", "minimum": 1, "maximum": 5}},
               "required": ["topic", "difficulty"], "additionalProperties": False}
-    opts = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024}
+    opts = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "in_process": True}
     try:
         import torch
 
         if not torch.cuda.is_available():
-            opts["engine_args"] = {"max_num_seqs": 8}
+            # vllm-cpu reads gpu_memory_utilization as the share of host memory it may take.
+            opts.update(engine_args={"max_num_seqs": 8}, gpu_memory_utilization=0.15)
     except ImportError:
         pass
     gen = create_generator({"backend": "vllm", "model": "embedded:smollm2-135m-instruct",
