@@ -86,7 +86,10 @@ def run_compare(ctx: StageContext, out: Optional[str] = None) -> str:
     trained, evals = [], []
     for table, method in grid:
         st = run_train(ctx, table=table, version=versions[table], method=method, token_budget=budget,
-                       max_steps=0, epochs=cc.epochs, run_name=f"compare-{table}-{method}")
+                       max_steps=0, epochs=cc.epochs, run_name=f"compare-{table}-{method}",
+                       budget_note="equal budget: min of " + ", ".join(
+                           f"{t}@v{versions[t]}={n}" for t, n in totals.items())
+                       + (f", capped at {cc.token_budget}" if cc.token_budget else ""))
         print(st.summary(), flush=True)
         trained.append((table, method, st))
     if cc.include_base:

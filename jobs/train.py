@@ -351,7 +351,8 @@ def registered_name(tc, table: str, method: str) -> str:
 def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[int] = None,
               method: Optional[str] = None, token_budget: Optional[int] = None,
               match_tokens_of: Optional[str] = None, max_steps: Optional[int] = None,
-              epochs: Optional[float] = None, run_name: Optional[str] = None) -> StageStats:
+              epochs: Optional[float] = None, run_name: Optional[str] = None,
+              budget_note: Optional[str] = None) -> StageStats:
     """Train on one table version and log everything to MLflow.
 
     Args:
@@ -365,6 +366,7 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
         max_steps, epochs: override ``train.max_steps`` / ``train.epochs`` (``max_steps=0``: no
             step limit, run the epochs; equal-token comparisons use it).
         run_name: MLflow run name (default ``<table>-<method>``).
+        budget_note: why ``token_budget`` has its value (recorded as ``data.budget_reason``).
 
     Returns:
         :class:`StageStats` (rows_in: rows read, rows_out: examples trained on); ``extra`` holds
@@ -393,7 +395,8 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
 
     model, tok = build_model(tc, method, cfg.tokenizer.model)
     budget = token_budget if token_budget is not None else tc.token_budget
-    budget_reason = "train.token_budget" if budget else None
+    budget_reason = (budget_note or "token_budget argument") if token_budget is not None else \
+        ("train.token_budget" if budget else None)
     if match_tokens_of:
         other, _, ov = match_tokens_of.partition("@")
         other_tokens, other_v = table_tokens(ctx, other, int(ov) if ov else None, tok, tc.max_seq_len)
