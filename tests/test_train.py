@@ -149,3 +149,26 @@ def test_scratch_run_on_documents_matches_the_token_count_of_pairs(lake_dir):
     assert st.extra["tokens_available"] > pairs_tokens >= st.extra["data_tokens"] > 0
     assert st.rows_out < st.rows_in
     assert st.extra["model_uri"].startswith("runs:/")  # logged, not registered
+
+
+def test_train_on_continuations_uses_ok_rows_and_logs_lineage(lake_dir):
+    """Issue #6: the continuation recipe trains through the same job and lineage as pairs."""
+    import mlflow
+
+    from finelake.jobs.train import run_train, setup_mlflow
+    from finelake.runtime import StageContext
+    from finelake.tables import CONTINUATIONS
+
+    rows = [{"doc_id": f"d{i}", "status": "ok" if i < 4 else "dropped",
+             "reason": None if i < 4 else "echo", "prompt": f"The river {i} bends east",
+             "continuation": f" past mill number {i}, where the road ends.", "run_id": "continue-run-1"}
+            for i in range(6)]
+    version = _write(lake_dir, CONTINUATIONS, rows, "continue-run-1")
+    ctx = StageContext(_tiny_cfg(lake_dir))
+    st = run_train(ctx, table="continuations", method="lora")
+    assert st.rows_in == 4  # dropped continuations are not trained on
+    setup_mlflow(ctx.cfg)
+    run = mlflow.get_run(st.extra["mlflow_run_id"])
+    assert run.data.params["data.table"] == "continuations"
+    assert run.data.params["data.version"] == str(version)
+    assert run.data.tags["finelake.generating_run_ids"] == "continue-run-1"
