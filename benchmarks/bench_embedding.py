@@ -251,8 +251,14 @@ def run_spark(model_cfg: dict, texts: list[str], cores: int, arrow_batch: int) -
         for r, i in enumerate(order):
             part[i] = r % cores
         pdf = pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(texts))], "text": texts, "p": part})
-        df = spark.createDataFrame(pdf).repartition(cores, "p").drop("p").cache()
-        df.count()
+        # Place row i in partition part[i] exactly. (``repartition(cores, "p")`` would hash-partition,
+        # and murmur3 sends p=0 and p=1 to the same one of 2 partitions: one task got every row.)
+        src = spark.createDataFrame(pdf)
+        keyed = src.rdd.map(lambda r: (r["p"], r)).partitionBy(cores, lambda p: p).values()
+        df = spark.createDataFrame(keyed, src.schema).drop("p").cache()
+        sizes = df.rdd.glom().map(len).collect()
+        if max(sizes) - min(sizes) > 1:
+            raise RuntimeError(f"unbalanced partitions {sizes}")
 
         def job(frame):
             out = map_embeddings(frame, model_cfg, "text", pooled=True, chunks=K, sigma=SIGMA,
@@ -268,7 +274,7 @@ def run_spark(model_cfg: dict, texts: list[str], cores: int, arrow_batch: int) -
             job(df)
             secs = time.perf_counter() - t0
         after = _probe(spark, cores)
-        return {"seconds": secs, "warmup_seconds": warm, "cpu_seconds": cpu.seconds(),
+        return {"seconds": secs, "warmup_seconds": warm, "cpu_seconds": cpu.seconds(), "partitions": sizes,
                 "jvm_cpu_seconds": cpu.seconds([jvm_pid]),
                 "worker_rss_mb": max(after.values()), "workers": len(after),
                 "jvm_hwm_mb": vm_hwm_mb(jvm_pid)}
@@ -369,7 +375,7 @@ def main(argv=None) -> int:
         ss = sp["seconds"]
         add("spark: docs/s, tokens/s", f"{len(texts) / ss:.1f} , {tokens / ss:.0f}",
             f"{ss:.1f} s, local[{cores}] mapInPandas, arrow batch {args.arrow_batch}, "
-            f"1 thread/task; warm-up job {sp['warmup_seconds']:.1f} s")
+            f"1 thread/task, rows per partition {sp['partitions']}; warm-up job {sp['warmup_seconds']:.1f} s")
         add("spark: achieved", f"{flops / ss / 1e9:.1f} GFLOP/s",
             f"{flops / ss / 1e9 / peak:.2f} of matmul rate (target >= 0.5)")
         sc = sp["cpu_seconds"]
