@@ -12,7 +12,7 @@ same name raises ``ValueError``. Configuration chooses a backend by that name
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np

@@ -21,10 +21,13 @@ must register ``name`` with :func:`~finelake.models.base.register_generator`.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
 from finelake.models.base import (GenerationBackend, GenerationRequest, GenerationResult,
                                   get_generator_class)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from finelake.config import ModelConfig
 
 BACKEND_MODULES: dict[str, str] = {
     "llama_cpp": "finelake.models.llama_cpp_backend",
@@ -62,7 +65,7 @@ def backend_class(name: str) -> type[GenerationBackend]:
     return get_generator_class(name)
 
 
-def create_generator(model_cfg: Union["ModelConfig", Mapping[str, Any]]) -> GenerationBackend:  # noqa: F821
+def create_generator(model_cfg: Union["ModelConfig", Mapping[str, Any]]) -> GenerationBackend:
     """Load the generator a model configuration describes.
 
     Args:

@@ -20,7 +20,7 @@ bounds how many texts are length-sorted together; larger batches pad less.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import pandas as pd
