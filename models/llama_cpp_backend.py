@@ -7,8 +7,9 @@ Two engines over the same GGUF file:
   product instead of one matrix-vector product per sequence, which is what makes a small model fast
   on a CPU); a finished sequence's slot is refilled from the queue at once. The longest token prefix
   shared by the prompts of a call (system prompt, few-shot examples) is evaluated once into a
-  dedicated cache sequence and copied into every slot, and is kept between calls while later prompts
-  still start with it. JSON-schema and regex constraints are llama.cpp grammars; the grammar is
+  dedicated cache sequence and copied into every slot, and is kept for the next call when that call
+  shares exactly the same prefix (a different prefix is evaluated afresh, so a prompt's output does
+  not depend on what the process generated before). JSON-schema and regex constraints are llama.cpp grammars; the grammar is
   checked against the token the model prefers first and applied to the whole vocabulary only when it
   rejects that token (the same result, much cheaper).
 * ``mode: simple``: ``llama_cpp.Llama.create_chat_completion`` one request at a time (the reference
@@ -450,8 +451,15 @@ class LlamaCppGenerator(GenerationBackend):
         b.logits[j] = logits
 
     def _prepare_prefix(self, seqs: list[_Seq]) -> int:
-        """Make the prefix sequence hold the longest prefix shared by all prompts (reusing what it
-        already holds); returns how many leading tokens every slot may copy from it."""
+        """Make the prefix sequence hold the longest prefix shared by all prompts (kept from the
+        previous call when it is exactly that prefix); returns how many leading tokens every slot
+        may copy from it.
+
+        A prefix that only partly matches is evaluated again from position 0, never extended:
+        llama.cpp's results depend on how tokens were grouped into ``llama_decode`` calls, so
+        extending a cached prefix would make a prompt's output depend on what this worker served
+        before (and a resumed Spark job differ from an uninterrupted one).
+        """
         if not self.prefix_cache:
             return 0
         first = seqs[0].tokens
@@ -459,12 +467,11 @@ class LlamaCppGenerator(GenerationBackend):
         for s in seqs[1:]:
             n = min(n, _common_prefix(first, s.tokens))
         target = first[:max(n, 0)]
-        keep = _common_prefix(self._prefix, target)
-        if keep < len(self._prefix):
-            self._lc.llama_memory_seq_rm(self._mem, self._prefix_seq, keep, -1)
-            self._prefix = self._prefix[:keep]
-        if len(target) >= self.min_prefix_tokens and len(target) > keep:
-            pos = keep
+        if self._prefix != target and self._prefix:
+            self._lc.llama_memory_seq_rm(self._mem, self._prefix_seq, -1, -1)
+            self._prefix = []
+        if len(target) >= self.min_prefix_tokens and not self._prefix:
+            pos = 0
             while pos < len(target):
                 chunk = target[pos:pos + self.n_batch]
                 self._batch.batch.n_tokens = len(chunk)

@@ -149,6 +149,23 @@ def test_prefix_cache_does_not_change_results():
         b.close()
 
 
+def test_results_do_not_depend_on_what_the_process_served_before():
+    """A worker's earlier calls must not change a prompt's output (a resumed Spark job equals an
+    uninterrupted one): a cached prefix that only partly matches is evaluated afresh."""
+    long_system = SYSTEM + " " + " ".join(f"Rule {i}: keep answers factual and short." for i in range(40))
+    reqs = [_chat(q, system=long_system, max_tokens=12) for q in QUESTIONS]
+    fresh, used = _llama(n_parallel=3, n_batch=64), _llama(n_parallel=3, n_batch=64)
+    try:
+        # ``used`` first serves prompts sharing only part of that prefix (so its cached prefix is
+        # a strict prefix of the next call's, and the next call's prefix spans several n_batch chunks)
+        used.generate([_chat(q, system=long_system[:300] + " Reply in French.", max_tokens=4)
+                       for q in QUESTIONS[:2]])
+        assert [r.text for r in used.generate(reqs)] == [r.text for r in fresh.generate(reqs)]
+    finally:
+        fresh.close()
+        used.close()
+
+
 def test_json_schema_and_regex_constraints(llama):
     schema = {"type": "object",
               "properties": {"answer": {"type": "string", "maxLength": 40},
