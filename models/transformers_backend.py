@@ -28,7 +28,11 @@ from finelake.models.base import (GenerationBackend, GenerationRequest, Generati
 from finelake.models.generation import check_request, error_result, require, run_isolated
 from finelake.models.resolve import hf_path
 
-PIP_HINT = "pip install 'finelake[models]' (torch, transformers, xgrammar)"
+PIP_HINT = "pip install 'finelake[models]' (torch, transformers)"
+# xgrammar requires triton (CUDA kernels, 1 GB): on GPU machines `pip install 'finelake[gpu]'`,
+# on CPU-only ones install it without dependencies, as `make setup` does.
+XGRAMMAR_HINT = ("pip install xgrammar (GPU), or on CPU: "
+                 "pip install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2")
 
 
 def _xgrammar_processor_class():
@@ -131,7 +135,7 @@ class TransformersGenerator(GenerationBackend):
 
     def _compiler(self):
         if self._xgr is None:
-            xgr = require("xgrammar", PIP_HINT, "transformers")
+            xgr = require("xgrammar", XGRAMMAR_HINT, "transformers")
             vocab = int(self.model.get_output_embeddings().weight.shape[0])
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab,
                                                       stop_token_ids=sorted(self.eos_ids))
