@@ -67,6 +67,61 @@ def fail_point(name: str, count: int) -> None:
         raise RuntimeError(f"FINELAKE_FAIL_AFTER={spec}: simulated failure in {name}")
 
 
+def spread(df, key: str, n: int):
+    """``df`` in exactly ``n`` partitions by a hash of ``key``: which rows share a task depends on
+    the keys alone, not on the plan above.
+
+    Not ``df.repartition(n, key)``: when ``df`` comes out of a join on ``key`` that is already
+    hash-partitioned on it, Spark drops that repartition as redundant, and adaptive execution may
+    then coalesce the join's small shuffle into one partition, so one task (one GPU) would do all
+    the model work. Partitioning on ``xxhash64(key)`` is never satisfied by a child's
+    partitioning, and an explicit partition count is never coalesced.
+    """
+    from pyspark.sql import functions as F
+
+    return df.repartition(n, F.xxhash64(key))
+
+
+def commit_in_chunks(ctx: StageContext, stage: str, tdef: TableDef, pending, key: str,
+                     n_scope: int, chunk_size: int, transform, order: tuple = (),
+                     **merge_kwargs) -> int:
+    """Run ``transform`` over ``pending`` chunk by chunk and merge each chunk into ``tdef`` in its
+    own Delta commit, so a killed job loses at most one chunk of work.
+
+    A chunk is the set of rows whose ``xxhash64(key) % n_chunks`` equals its number, with
+    ``n_chunks = ceil(n_scope / chunk_size)`` taken from the rows *in scope* (e.g. every document
+    of the run), not from the pending ones. Each commit is atomic, so a chunk is either wholly
+    committed or wholly pending: a resumed run rebuilds every unfinished chunk with exactly the
+    rows it had, in the same partitions (hash of ``key``) and order (``key``, ``order``). That
+    matters for batched generation, whose floating-point results depend on what shares a batch:
+    the resumed run then produces the same outputs as an uninterrupted one.
+
+    Args:
+        pending: Spark DataFrame of the rows still to do (holds ``key``).
+        n_scope: rows (or keys) in scope this run; 0 means nothing to do.
+        chunk_size: target rows (keys) per chunk, >= 1.
+        transform: ``DataFrame -> DataFrame`` applied to one chunk (the model call, e.g.
+            :func:`map_rows`); its result is merged with ``ctx.lake.merge(tdef, ..., **merge_kwargs)``.
+
+    Returns:
+        The number of chunks committed by this call.
+    """
+    from pyspark.sql import functions as F
+
+    if n_scope <= 0:
+        return 0
+    n_chunks = max(1, -(-n_scope // max(1, chunk_size)))
+    par = ctx.spark.sparkContext.defaultParallelism
+    bucketed = pending.withColumn("_chunk", F.abs(F.xxhash64(key)) % F.lit(n_chunks))
+    todo = sorted(r["_chunk"] for r in bucketed.select("_chunk").distinct().collect())
+    for done, c in enumerate(todo, start=1):
+        part = (spread(bucketed.where(F.col("_chunk") == c).drop("_chunk"), key, par)
+                .sortWithinPartitions(key, *order))
+        ctx.lake.merge(tdef, transform(part), ctx.run_id, **merge_kwargs)
+        fail_point(stage, done)
+    return len(todo)
+
+
 def to_json(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True)
 

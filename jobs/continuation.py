@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 
 import pandas as pd
 
-from finelake.jobs.common import fail_point, model_label, model_spec, require
+from finelake.jobs.common import commit_in_chunks, model_label, model_spec, require
 from finelake.method import continuation as cont
 from finelake.method import instructional
 from finelake.runtime import StageContext, StageStats
@@ -213,15 +213,12 @@ def run_continue(ctx: StageContext, max_documents: Optional[int] = None,
                            threshold=ccfg.instructional_threshold,
                            prompt_version=ccfg.prompt_version,
                            max_tokens=ccfg.max_tokens or model.max_tokens)
-    n_chunks = max(1, math.ceil(n_pending / ccfg.chunk_documents)) if n_pending else 0
-    parallelism = ctx.spark.sparkContext.defaultParallelism
     schema = _spark_schema(CONTINUATIONS)
-    bucketed = pending.withColumn("_chunk", F.abs(F.xxhash64("doc_id")) % F.lit(max(n_chunks, 1)))
-    for c in range(n_chunks):
-        part = bucketed.where(F.col("_chunk") == c).drop("_chunk").repartition(parallelism)
-        lake.merge(CONTINUATIONS, part.mapInPandas(fn, schema), ctx.run_id, update=True,
-                   update_when="t.status = 'error'")
-        fail_point(STAGE, c + 1)
+    # Chunks are drawn over every document of the run, not the pending ones (see commit_in_chunks).
+    commit_in_chunks(ctx, STAGE, CONTINUATIONS, pending, "doc_id",
+                     stats.rows_in if n_pending else 0, ccfg.chunk_documents,
+                     lambda part: part.mapInPandas(fn, schema),
+                     update=True, update_when="t.status = 'error'")
     pending.unpersist()
 
     rows = lake.read(CONTINUATIONS).join(docs.select("doc_id"), "doc_id", "left_semi")

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import pandas as pd
 
-from finelake.jobs.common import (count_outcomes, fail_point, job_main, limit_ordered, map_rows,
+from finelake.jobs.common import (commit_in_chunks, count_outcomes, job_main, limit_ordered, map_rows,
                                   model_label, model_spec, require)
 from finelake.method import prompts, templates
 from finelake.runtime import StageContext, StageStats
@@ -103,14 +102,10 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
     spec = model_spec(gcfg.model or cfg.models.generator)
     fn = functools.partial(genericize_rows, spec=spec, mode=gcfg.mode, max_slots=gcfg.max_slots,
                            prompt_version=gcfg.prompt_version)
-    n_chunks = max(1, math.ceil(n_pending / gcfg.chunk_rows)) if n_pending else 0
-    parallelism = ctx.spark.sparkContext.defaultParallelism
-    bucketed = pending.withColumn("_chunk", F.abs(F.xxhash64("query_id")) % F.lit(max(n_chunks, 1)))
-    for c in range(n_chunks):
-        part = bucketed.where(F.col("_chunk") == c).drop("_chunk").repartition(parallelism)
-        out = map_rows(part, fn, GENERICIZATIONS)
-        lake.merge(GENERICIZATIONS, out, ctx.run_id)
-        fail_point(STAGE, c + 1)
+    # Chunks are drawn over every query of the run, not the pending ones (see commit_in_chunks).
+    commit_in_chunks(ctx, STAGE, GENERICIZATIONS, pending, "query_id",
+                     stats.rows_in if n_pending else 0, gcfg.chunk_rows,
+                     lambda part: map_rows(part, fn, GENERICIZATIONS))
     queries.unpersist()
     pending.unpersist()
 

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from finelake.jobs.common import job_main, require
+from finelake.jobs.common import job_main, require, spread
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import TEMPLATES
 
@@ -48,6 +48,8 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     cfg = ctx.cfg
     stats = StageStats(STAGE)
     tpl = require(ctx, TEMPLATES, "genericize").select("template_id", "compatible_document_description")
+    # Spread over the cluster's cores: the table's files need not be balanced.
+    tpl = spread(tpl, "template_id", ctx.spark.sparkContext.defaultParallelism)
     emb = map_embeddings(tpl, cfg.models.embedder, "compatible_document_description", pooled=False)
     rows = emb.select("template_id", "embedding").orderBy("template_id").toArrow()
     stats.rows_in = rows.num_rows

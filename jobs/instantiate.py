@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import pandas as pd
 
-from finelake.jobs.common import (count_outcomes, fail_point, job_main, map_rows, model_label,
+from finelake.jobs.common import (commit_in_chunks, count_outcomes, job_main, map_rows, model_label,
                                   model_spec, require, stable_hash)
 from finelake.method import prompts
 from finelake.runtime import StageContext, StageStats
@@ -97,21 +96,16 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
             .drop("pair_key")).cache()
     n_pending = work.count()
     stats.skipped = stats.rows_in - n_pending
-    n_docs = work.select("doc_id").distinct().count()
-    n_chunks = max(1, math.ceil(n_docs / ic.chunk_documents)) if n_pending else 0
+    # Chunks are drawn over every matched document, not the pending ones (see commit_in_chunks).
+    n_docs = matches.select("doc_id").distinct().count() if n_pending else 0
     spec = model_spec(ic.model or cfg.models.generator)
     fn = functools.partial(instantiate_rows, spec=spec, mode=ic.mode,
                            max_document_chars=ic.max_document_chars,
                            min_excerpt_ratio=ic.min_excerpt_ratio,
                            max_answer_sentences=ic.max_answer_sentences,
                            prompt_version=ic.prompt_version)
-    par = ctx.spark.sparkContext.defaultParallelism
-    bucketed = work.withColumn("_chunk", F.abs(F.xxhash64("doc_id")) % F.lit(max(n_chunks, 1)))
-    for c in range(n_chunks):
-        part = (bucketed.where(F.col("_chunk") == c).drop("_chunk")
-                .repartition(par, "doc_id").sortWithinPartitions("doc_id", "sample_rank"))
-        lake.merge(INSTANTIATIONS, map_rows(part, fn, INSTANTIATIONS), ctx.run_id)
-        fail_point(STAGE, c + 1)
+    commit_in_chunks(ctx, STAGE, INSTANTIATIONS, work, "doc_id", n_docs, ic.chunk_documents,
+                     lambda part: map_rows(part, fn, INSTANTIATIONS), order=("sample_rank",))
     work.unpersist()
     rows = lake.read(INSTANTIATIONS).join(matches.select("pair_key"), "pair_key", "left_semi")
     count_outcomes(stats, rows)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import pandas as pd
 
-from finelake.jobs.common import job_main, map_rows, require
+from finelake.jobs.common import job_main, map_rows, require, spread
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import INSTANTIATIONS, JUDGMENTS
 
@@ -61,7 +61,7 @@ def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
         fn = functools.partial(judge_rows, spec=spec, min_score=cfg.judge.min_score,
                                prompt_version=cfg.judge.prompt_version)
         par = ctx.spark.sparkContext.defaultParallelism
-        lake.merge(JUDGMENTS, map_rows(pending.repartition(par), fn, JUDGMENTS), ctx.run_id)
+        lake.merge(JUDGMENTS, map_rows(spread(pending, "pair_key", par), fn, JUDGMENTS), ctx.run_id)
     j = lake.read(JUDGMENTS).join(ok.select("pair_key"), "pair_key", "left_semi")
     for r in j.groupBy("kept").count().collect():
         if r["kept"]:

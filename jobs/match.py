@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from finelake.jobs.common import job_main, limit_ordered, require
+from finelake.jobs.common import job_main, limit_ordered, require, spread
 from finelake.jobs.index import latest_index
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import DOCUMENTS, GENERICIZATIONS, MATCH_LOG, MATCHES, TEMPLATES
@@ -112,7 +112,7 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
                                T.StructField("chunk_index", T.IntegerType()),
                                T.StructField("score", T.DoubleType())])
         par = ctx.spark.sparkContext.defaultParallelism
-        cands = pending.repartition(par).mapInPandas(fn, schema).cache()
+        cands = spread(pending, "doc_id", par).mapInPandas(fn, schema).cache()
         found = cands.where("template_id IS NOT NULL").join(templates, "template_id")
 
         # Complexity weights (§3.2): target = templates from real queries (one per query),
@@ -129,9 +129,12 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
                                    T.StructField("score", T.DoubleType()),
                                    T.StructField("num_slots", T.IntegerType()),
                                    T.StructField("sample_rank", T.IntegerType())])
-        sampled = found.groupBy("doc_id").applyInPandas(
-            functools.partial(sample_group, weights=weights, n=mc.templates_per_doc, seed=mc.seed),
-            out_schema)
+        n_per_doc, seed = mc.templates_per_doc, mc.seed
+
+        def sample(pdf: pd.DataFrame) -> pd.DataFrame:  # a function, so Spark reads its type hints
+            return sample_group(pdf, weights=weights, n=n_per_doc, seed=seed)
+
+        sampled = found.groupBy("doc_id").applyInPandas(sample, out_schema)
         sampled = (sampled.withColumn("embedding_model", F.lit(cfg.models.embedder.model))
                    .withColumn("index_version", F.lit(idx["version"])))
         lake.merge(MATCHES, sampled, ctx.run_id)
@@ -177,7 +180,8 @@ def calibrate(ctx: StageContext, n: int = 200) -> str:
                            T.StructField("template_id", T.StringType()),
                            T.StructField("chunk_index", T.IntegerType()),
                            T.StructField("score", T.DoubleType())])
-    pdf = docs.mapInPandas(fn, schema).toPandas()
+    par = ctx.spark.sparkContext.defaultParallelism
+    pdf = spread(docs, "doc_id", par).mapInPandas(fn, schema).toPandas()
     best = pdf.groupby("doc_id")["score"].max().to_numpy()
     all_scores = pdf["score"].to_numpy()
     qs = [0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
