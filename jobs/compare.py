@@ -121,54 +121,42 @@ def run_compare(ctx: StageContext, out: Optional[str] = None) -> str:
 
 
 def _plots(out: str, curves: dict, evals: list) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from finelake.plots import saved_figure
 
     files = {}
     if curves:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for name, pts in curves.items():
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss")
-        ax.set_title("Loss curves (equal token budget)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
         files["loss"] = "loss_curves.png"
-        fig.savefig(os.path.join(out, files["loss"]), dpi=110)
-        plt.close(fig)
+        with saved_figure(os.path.join(out, files["loss"])) as (fig, ax):
+            for name, pts in curves.items():
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("training loss")
+            ax.set_title("Loss curves (equal token budget)")
+            ax.legend(fontsize=8)
     keys = [(k, n) for k, n in HEADLINE[:4] if any(k in e[4].metrics for e in evals)]
     if keys:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        width = 0.8 / max(len(evals), 1)
-        for j, e in enumerate(evals):
-            vals = [e[4].metrics.get(k, float("nan")) for k, _ in keys]
-            ax.bar([i + j * width for i in range(len(keys))], vals, width, label=e[0])
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
-        ax.set_xticklabels([n for _, n in keys], fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("score (0-1)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
         files["metrics"] = "metrics.png"
-        fig.savefig(os.path.join(out, files["metrics"]), dpi=110)
-        plt.close(fig)
+        with saved_figure(os.path.join(out, files["metrics"]), figsize=(7, 3.5)) as (fig, ax):
+            width = 0.8 / max(len(evals), 1)
+            for j, e in enumerate(evals):
+                vals = [e[4].metrics.get(k, float("nan")) for k, _ in keys]
+                ax.bar([i + j * width for i in range(len(keys))], vals, width, label=e[0])
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+            ax.set_xticklabels([n for _, n in keys], fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("score (0-1)")
+            ax.legend(fontsize=8)
     shifts = [(e[0], e[4].shift) for e in evals if e[4].shift]
     if shifts:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for name, s in shifts:
-            ax.plot(s["kl_by_position"], label=f"{name} (shifted {s['shifted_share']:.0%})")
-        ax.set_xlabel("position in the tuned model's response (tokens)")
-        ax.set_ylabel("mean KL(tuned || base), nats")
-        ax.set_title("Token distribution shift from the base model")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
         files["shift"] = "token_shift.png"
-        fig.savefig(os.path.join(out, files["shift"]), dpi=110)
-        plt.close(fig)
+        with saved_figure(os.path.join(out, files["shift"])) as (fig, ax):
+            for name, s in shifts:
+                ax.plot(s["kl_by_position"], label=f"{name} (shifted {s['shifted_share']:.0%})")
+            ax.set_xlabel("position in the tuned model's response (tokens)")
+            ax.set_ylabel("mean KL(tuned || base), nats")
+            ax.set_title("Token distribution shift from the base model")
+            ax.legend(fontsize=8)
     return files
 
 

@@ -62,29 +62,19 @@ def _latest_run(lake_root: str) -> Optional[dict]:
 
 
 def _hist_plot(values, bins, title, xlabel, path):
-    import matplotlib
+    from finelake.plots import saved_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-    ax.hist(values, bins=bins, color="#3b6ea5", edgecolor="white")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with saved_figure(path, figsize=(5, 3.2)) as (fig, ax):
+        ax.hist(values, bins=bins, color="#3b6ea5", edgecolor="white")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("count")
 
 
 def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
     """Write ``report.md`` and plots; print the Markdown; return the report's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from finelake.method.diversity import template_usage_stats
+    from finelake.plots import saved_figure
 
     cfg = ctx.cfg
     lake = Lake(cfg.lake, None)
@@ -141,17 +131,14 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
         lines.append(f"- unique templates vs documents: y = {a:.2f}·x^{b:.2f} (r² = {r2:.2f}); "
                      f"the paper reports y = 16,891·x^0.24 over 18M templates")
         xs, ys = zip(*stats["curve"])
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-        ax.plot(xs, ys, ".", label="observed")
-        ax.plot(xs, [a * x ** b for x in xs], "-", label=f"{a:.2f}·x^{b:.2f}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("documents processed")
-        ax.set_ylabel("unique templates used")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "template_diversity.png"))
-        plt.close(fig)
+        with saved_figure(os.path.join(out, "template_diversity.png"), figsize=(5, 3.2)) as (fig, ax):
+            ax.plot(xs, ys, ".", label="observed")
+            ax.plot(xs, [a * x ** b for x in xs], "-", label=f"{a:.2f}·x^{b:.2f}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("documents processed")
+            ax.set_ylabel("unique templates used")
+            ax.legend()
         lines += ["", "![template diversity](template_diversity.png)"]
 
     run = _latest_run(cfg.lake)

@@ -174,3 +174,22 @@ def test_budget_rule_matches_pure_walk(runs):
             for r in ledger.itertuples()]
     kept, _ = budget_rules.apply_token_budget(docs, seed=0)
     assert set(kept) == set(pairs.index)
+
+
+def test_report_counts_the_funnel_from_the_tables_and_draws_its_plots(runs, spark, tmp_path):
+    from finelake.jobs.report import funnel, run_report
+    from finelake.lake import Lake
+
+    lake = runs["a"]
+    path = run_report(StageContext(_cfg(lake), spark=spark), out=str(tmp_path))
+    text = open(path, encoding="utf-8").read()
+    counts = dict(funnel(Lake(lake, None)))
+    # independent counts from the Delta tables
+    assert counts["kept pairs"] == len(_table(lake, "pairs"))
+    assert counts["matches sampled"] == len(_table(lake, "matches"))
+    assert counts["instantiated ok"] == int((_table(lake, "instantiations").status == "ok").sum())
+    assert f"| kept pairs | {len(_table(lake, 'pairs')):,} |" in text
+    for png in ("excerpt_ratio.png", "judge_scores.png"):
+        assert f"]({png})" in text
+        with open(tmp_path / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
