@@ -99,6 +99,9 @@ class GenericizeConfig(_Strict):
 
 
 class IndexConfig(_Strict):
+    path: Optional[str] = Field(None, description="Where the FAISS index is published: a local or "
+                                "mounted path, or a URI the cluster's Hadoop file system writes "
+                                "(s3://, dbfs:/, abfss://, file://); default <lake>/_index.")
     exact_below: int = Field(200000, ge=1, description="Flat inner-product index below this many "
                              "templates, IVF above.")
     nlist: int = Field(1024, ge=1)

@@ -1,9 +1,13 @@
 """index: embed every template's compatible document description and build the FAISS index (§3.2).
 
-The index is saved beside the lake at ``<lake>/_index/<version>/`` (``version`` is a content hash
-of the vectors, ids, embedding model and parameters) and ``<lake>/_index/LATEST`` names the current
-one. Exact inner-product search below ``index.exact_below`` templates, IVF above, with its
-recall@k against exact search measured at build time and recorded in ``meta.json``.
+The index is published at ``<index root>/<version>/`` (``version`` is a content hash of the
+vectors, ids, embedding model and parameters) and ``<index root>/LATEST`` names the current one.
+The root is ``index.path``, by default ``<lake>/_index``; it may be a local or mounted path or a
+URI the cluster's Hadoop file system writes (``s3://``, ``dbfs:/``, ``abfss://``): the index is
+built on the driver in a temporary folder and copied there (:mod:`finelake.storage`), and
+``match`` ships it to executors with ``SparkContext.addFile``. Exact inner-product search below
+``index.exact_below`` templates, IVF above, with its recall@k against exact search measured at
+build time and recorded in ``meta.json``.
 
     spark-submit jobs/index.py --conf conf/local.yaml
 """
@@ -12,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 
+from finelake import storage
 from finelake.jobs.common import job_main, require, spread
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import TEMPLATES
@@ -22,22 +28,28 @@ from finelake.tables import TEMPLATES
 STAGE = "index"
 
 
-def index_root(lake_root: str) -> str:
-    root = lake_root if "://" in lake_root else os.path.abspath(lake_root)
-    return f"{root.rstrip('/')}/_index"
+def index_root(cfg) -> str:
+    """Where indexes are published: ``index.path``, else ``<lake>/_index`` (local paths absolute)."""
+    root = cfg.index.path or storage.join(cfg.lake, "_index")
+    return root if storage.is_uri(root) else os.path.abspath(root)
 
 
-def latest_index(lake_root: str) -> dict:
+def latest_index(cfg, spark=None) -> dict:
     """``{"version", "path", "embedding_model", ...}`` of the current index.
+
+    Args:
+        cfg: the profile (``index.path``, ``lake``).
+        spark: needed only when the index root is a URI.
 
     Raises:
         FinelakeError: no index has been built (run ``finelake index``).
     """
-    p = os.path.join(index_root(lake_root), "LATEST")
-    if not os.path.isfile(p):
-        raise FinelakeError(f"no template index under {index_root(lake_root)}: run 'finelake index' first")
-    with open(p, encoding="utf-8") as f:
-        return json.load(f)
+    p = storage.join(index_root(cfg), "LATEST")
+    try:
+        return json.loads(storage.read_text(spark, p))
+    except FileNotFoundError:
+        raise FinelakeError(f"no template index under {index_root(cfg)}: run 'finelake index' "
+                            "first") from None
 
 
 def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
@@ -60,18 +72,18 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     ic = cfg.index
     index = build_index(vecs, ids, exact_below=ic.exact_below, nlist=ic.nlist, nprobe=ic.nprobe,
                         recall_k=ic.recall_k, embedding_model=cfg.models.embedder.model)
-    path = os.path.join(index_root(cfg.lake), index.version)
-    if not os.path.isfile(os.path.join(path, "meta.json")):
-        index.save(path)
+    root = index_root(cfg)
+    path = storage.join(root, index.version)
+    if not storage.exists(ctx.spark, storage.join(path, "meta.json")):
+        with tempfile.TemporaryDirectory() as tmp:
+            index.save(tmp)
+            storage.put_dir(ctx.spark, tmp, path, last="meta.json")  # meta.json = complete
     else:
         stats.skipped = rows.num_rows  # same content: the saved index is reused
     latest = {"version": index.version, "path": path, "embedding_model": cfg.models.embedder.model,
               "kind": index.kind, "size": len(index), "recall_at_k": index.recall_at_k,
               "recall_k": ic.recall_k, "run_id": ctx.run_id}
-    tmp = os.path.join(index_root(cfg.lake), "LATEST.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(latest, f, indent=1)
-    os.replace(tmp, os.path.join(index_root(cfg.lake), "LATEST"))
+    storage.write_text(ctx.spark, storage.join(root, "LATEST"), json.dumps(latest, indent=1))
     stats.rows_out = len(index)
     stats.extra.update(kind=index.kind, version=index.version, recall_at_k=f"{index.recall_at_k:.3f}")
     return stats.finish()

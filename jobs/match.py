@@ -24,6 +24,7 @@ import pandas as pd
 
 from finelake.jobs.common import job_main, limit_ordered, require, spread
 from finelake.jobs.index import latest_index
+from finelake.storage import distribute
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import DOCUMENTS, GENERICIZATIONS, MATCH_LOG, MATCHES, TEMPLATES
 
@@ -38,12 +39,15 @@ def threshold_for(cfg) -> float:
 
 def candidates_partition(batches: Iterator[pd.DataFrame], embedder: dict, index_path: str,
                          chunks: int, sigma: float, alpha: float, top_k: int,
-                         threshold: float) -> Iterator[pd.DataFrame]:
+                         threshold: float, distributed: bool = False) -> Iterator[pd.DataFrame]:
     """Executor side: documents (doc_id, text) in, candidate rows out (doc_id, template_id,
-    chunk_index, score). A document with no candidate yields a row with null template_id."""
+    chunk_index, score). A document with no candidate yields a row with null template_id.
+    ``index_path``/``distributed`` as returned by :func:`finelake.storage.distribute`."""
+    from finelake.storage import local_copy
     from finelake.udfs.embedding import embed_frame
     from finelake.udfs.index import search_pooled
 
+    index_path = local_copy(index_path, distributed)
     for pdf in batches:
         emb = embed_frame(embedder, pdf[["doc_id", "text"]], "text", pooled=True, chunks=chunks,
                           sigma=sigma, alpha=alpha)
@@ -86,7 +90,7 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     cfg, lake = ctx.cfg, ctx.lake
     mc = cfg.match
     stats = StageStats(STAGE)
-    idx = latest_index(cfg.lake)
+    idx = latest_index(cfg, ctx.spark)
     if idx["embedding_model"] != cfg.models.embedder.model:
         raise FinelakeError(f"the index was built with {idx['embedding_model']}, the profile embeds "
                             f"with {cfg.models.embedder.model}: run 'finelake index' again")
@@ -104,7 +108,9 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     templates = require(ctx, TEMPLATES, "genericize").select("template_id", "num_slots")
     if n_pending:
         emb_spec = cfg.models.embedder.model_dump()
-        fn = functools.partial(candidates_partition, embedder=emb_spec, index_path=idx["path"],
+        index_path, distributed = distribute(ctx.spark, idx["path"])
+        fn = functools.partial(candidates_partition, embedder=emb_spec, index_path=index_path,
+                               distributed=distributed,
                                chunks=mc.chunks, sigma=mc.sigma, alpha=mc.alpha, top_k=mc.top_k,
                                threshold=threshold)
         schema = T.StructType([T.StructField("doc_id", T.StringType()),

@@ -1,0 +1,131 @@
+"""Files beside the Delta tables (the FAISS template index) on any file system the cluster reaches.
+
+A plain path (``/Volumes/...``, ``./lake/_index``) is read and written with the local file API.
+A URI (``s3://``, ``dbfs:/``, ``abfss://``, ``gs://``, ``file://``) goes through Hadoop's
+``FileSystem`` in the Spark driver's JVM, so whatever connectors and credentials the cluster has
+for its Delta tables serve the index too, and no Python client (s3fs, adlfs, ...) is needed.
+Executors never read a URI themselves: :func:`distribute` hands the directory to
+``SparkContext.addFile`` and workers open their local copy (``SparkFiles.get``).
+
+Needs a classic Spark session (``spark._jvm``) for URIs; Spark Connect has no JVM gateway, so
+there give the index a local path (``index.path``, e.g. a ``/Volumes/...`` path on Databricks).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+
+__all__ = ["is_uri", "exists", "read_text", "write_text", "put_dir", "join", "distribute"]
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters or more: not a Windows drive
+
+
+def is_uri(path: str) -> bool:
+    """True when ``path`` names a scheme (``s3://b/k``, ``dbfs:/x``, ``file:///x``)."""
+    return bool(_SCHEME.match(path))
+
+
+def join(root: str, *parts: str) -> str:
+    """``root/part/...`` for both local paths and URIs (URIs always use ``/``)."""
+    if is_uri(root):
+        return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(root, *parts)
+
+
+def _hadoop(spark, path: str):
+    if spark is None or getattr(spark, "_jvm", None) is None:
+        raise RuntimeError(f"{path} is a URI: reading or writing it needs a classic Spark session "
+                           "(Hadoop FileSystem in the driver JVM); under Spark Connect give "
+                           "index.path a local or mounted path such as /Volumes/...")
+    jvm = spark._jvm  # noqa: SLF001
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return jvm, p.getFileSystem(spark._jsc.hadoopConfiguration()), p  # noqa: SLF001
+
+
+def exists(spark, path: str) -> bool:
+    """Whether ``path`` exists (file or directory)."""
+    if not is_uri(path):
+        return os.path.exists(path)
+    _, fs, p = _hadoop(spark, path)
+    return bool(fs.exists(p))
+
+
+def read_text(spark, path: str) -> str:
+    """The UTF-8 text of the file at ``path``.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    if not is_uri(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    jvm, fs, p = _hadoop(spark, path)
+    if not fs.exists(p):
+        raise FileNotFoundError(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "file")
+        fs.copyToLocalFile(False, p, jvm.org.apache.hadoop.fs.Path(local), True)
+        with open(local, encoding="utf-8") as f:
+            return f.read()
+
+
+def write_text(spark, path: str, text: str) -> None:
+    """Replace the file at ``path`` with ``text`` (UTF-8). Readers see the old or the new file:
+    locally through a rename, on object stores because a single PUT is atomic."""
+    if not is_uri(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        return
+    jvm, fs, p = _hadoop(spark, path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(path.rstrip("/")) or "file")
+        with open(local, "w", encoding="utf-8") as f:
+            f.write(text)
+        fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path(local), p)
+
+
+def put_dir(spark, local_dir: str, dest: str, last: str | None = None) -> None:
+    """Copy the files of ``local_dir`` (not recursive) into the directory ``dest``, overwriting;
+    the file named ``last`` is copied after all others (a marker that the folder is complete)."""
+    names = sorted((n for n in os.listdir(local_dir) if os.path.isfile(os.path.join(local_dir, n))),
+                   key=lambda n: (n == last, n))
+    if not is_uri(dest):
+        os.makedirs(dest, exist_ok=True)
+        for n in names:
+            shutil.copyfile(os.path.join(local_dir, n), os.path.join(dest, n))
+        return
+    jvm, fs, p = _hadoop(spark, dest)
+    fs.mkdirs(p)
+    for n in names:
+        fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path(os.path.join(local_dir, n)),
+                             jvm.org.apache.hadoop.fs.Path(join(dest, n)))
+
+
+def distribute(spark, path: str) -> tuple[str, bool]:
+    """Make the directory ``path`` readable by every executor.
+
+    Returns:
+        ``(path, False)`` for a local path (executors are expected to see it: local mode, a FUSE
+        mount such as ``/Volumes``, NFS); ``(name, True)`` for a URI, after
+        ``SparkContext.addFile(path, recursive=True)``: a worker opens ``SparkFiles.get(name)``
+        (see :func:`local_copy`). Adding the same path again in one Spark application is a no-op.
+    """
+    if not is_uri(path):
+        return path, False
+    spark.sparkContext.addFile(path, recursive=True)
+    return os.path.basename(path.rstrip("/")), True
+
+
+def local_copy(name_or_path: str, distributed: bool) -> str:
+    """On an executor: the local path of what :func:`distribute` returned."""
+    if not distributed:
+        return name_or_path
+    from pyspark import SparkFiles
+
+    return SparkFiles.get(name_or_path)
