@@ -18,7 +18,8 @@ import re
 import shutil
 import tempfile
 
-__all__ = ["is_uri", "exists", "read_text", "write_text", "put_dir", "join", "distribute"]
+__all__ = ["is_uri", "join", "root", "exists", "listdir", "read_text", "write_text", "put_dir",
+           "distribute", "local_copy"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters or more: not a Windows drive
 
@@ -33,6 +34,11 @@ def join(root: str, *parts: str) -> str:
     if is_uri(root):
         return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
     return os.path.join(root, *parts)
+
+
+def root(path: str) -> str:
+    """A lake or index root as stored in run records: URIs as given, local paths made absolute."""
+    return path if is_uri(path) else os.path.abspath(path)
 
 
 def _hadoop(spark, path: str):
@@ -51,6 +57,18 @@ def exists(spark, path: str) -> bool:
         return os.path.exists(path)
     _, fs, p = _hadoop(spark, path)
     return bool(fs.exists(p))
+
+
+def listdir(spark, path: str) -> list[str]:
+    """Sorted names of the files directly under the directory ``path``; [] when it is missing."""
+    if not is_uri(path):
+        if not os.path.isdir(path):
+            return []
+        return sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+    _, fs, p = _hadoop(spark, path)
+    if not fs.exists(p):
+        return []
+    return sorted(st.getPath().getName() for st in fs.listStatus(p) if st.isFile())
 
 
 def read_text(spark, path: str) -> str:

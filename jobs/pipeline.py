@@ -10,8 +10,8 @@ rerun changes nothing and a killed run resumes. Stage statistics of the run are 
 from __future__ import annotations
 
 import json
-import os
 
+from finelake import storage
 from finelake.jobs.common import job_main
 from finelake.runtime import StageContext, StageStats
 
@@ -19,18 +19,17 @@ STAGES = ("genericize", "index", "match", "instantiate", "judge", "budget")
 
 
 def runs_dir(lake_root: str) -> str:
-    root = lake_root if "://" in lake_root else os.path.abspath(lake_root)
-    return os.path.join(root, "_runs")
+    """``<lake>/_runs``: where each ``finelake run`` leaves its stage statistics (a path or URI)."""
+    return storage.join(storage.root(lake_root), "_runs")
 
 
 def save_run_stats(ctx: StageContext, stats: list[StageStats]) -> str:
-    """Write this run's stage statistics as JSON; returns the file path."""
-    d = runs_dir(ctx.cfg.lake)
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"{ctx.run_id}.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"run_id": ctx.run_id, "profile": ctx.cfg.profile,
-                   "stages": [s.as_dict() for s in stats]}, f, indent=1, default=str)
+    """Write this run's stage statistics as JSON under :func:`runs_dir` (through
+    :mod:`finelake.storage`, so an object-store lake works too); returns the file's path or URI."""
+    path = storage.join(runs_dir(ctx.cfg.lake), f"{ctx.run_id}.json")
+    storage.write_text(ctx.spark, path, json.dumps(
+        {"run_id": ctx.run_id, "profile": ctx.cfg.profile, "stages": [s.as_dict() for s in stats]},
+        indent=1, default=str))
     return path
 
 

@@ -8,12 +8,14 @@ statistics the last ``finelake run`` saved under ``<lake>/_runs``.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
+import shutil
+import tempfile
 from collections import Counter
 from typing import Optional
 
+from finelake import storage
 from finelake.lake import Lake
 from finelake.runtime import StageContext
 from finelake.tables import (BUDGET_LEDGER, DOCUMENTS, GENERICIZATIONS, INSTANTIATIONS, JUDGMENTS,
@@ -52,13 +54,12 @@ def funnel(lake: Lake) -> list[tuple[str, int]]:
     ]
 
 
-def _latest_run(lake_root: str) -> Optional[dict]:
-    root = lake_root if "://" in lake_root else os.path.abspath(lake_root)
-    files = sorted(glob.glob(os.path.join(root, "_runs", "*.json")))
-    if not files:
-        return None
-    with open(files[-1], encoding="utf-8") as f:
-        return json.load(f)
+def _latest_run(lake_root: str, spark=None) -> Optional[dict]:
+    from finelake.jobs.pipeline import runs_dir
+
+    d = runs_dir(lake_root)
+    names = [n for n in storage.listdir(spark, d) if n.endswith(".json")]
+    return json.loads(storage.read_text(spark, storage.join(d, names[-1]))) if names else None
 
 
 def _hist_plot(values, bins, title, xlabel, path):
@@ -78,10 +79,16 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
 
     cfg = ctx.cfg
     lake = Lake(cfg.lake, None)
-    out = out or os.path.join(os.path.abspath(cfg.lake), "_reports", ctx.run_id)
+    # Reports go to <lake>/_reports/<run_id>; for an object-store lake they are drawn in a local
+    # folder and copied there at the end.
+    publish = None
+    if out is None:
+        out = storage.join(storage.root(cfg.lake), "_reports", ctx.run_id)
+        if storage.is_uri(out):
+            publish, out = out, tempfile.mkdtemp(prefix="finelake-report-")
     os.makedirs(out, exist_ok=True)
     lines = ["# finelake report", "",
-             f"lake `{os.path.abspath(cfg.lake)}` · profile `{cfg.profile}` · generator "
+             f"lake `{storage.root(cfg.lake)}` · profile `{cfg.profile}` · generator "
              f"`{cfg.models.generator.backend}:{cfg.models.generator.model}` · embedder "
              f"`{cfg.models.embedder.model}` · judge `{cfg.models.judge.backend}:{cfg.models.judge.model}`",
              "", "## Funnel", "", "| stage | rows |", "|---|---:|"]
@@ -141,7 +148,7 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
             ax.legend()
         lines += ["", "![template diversity](template_diversity.png)"]
 
-    run = _latest_run(cfg.lake)
+    run = _latest_run(cfg.lake, ctx.spark if storage.is_uri(cfg.lake) else None)
     if run:
         lines += ["", f"## Stage speeds (run `{run['run_id']}`)", "",
                   "| stage | rows in | rows out | dropped | skipped | seconds | rows/s |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -154,4 +161,8 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
     print(text)
+    if publish:
+        storage.put_dir(ctx.spark, out, publish, last="report.md")
+        shutil.rmtree(out, ignore_errors=True)
+        return storage.join(publish, "report.md")
     return path

@@ -45,6 +45,9 @@ def test_text_and_directory_round_trip(spark, tmp_path, uri):
     storage.write_text(spark, storage.join(root, "LATEST"), "first")
     storage.write_text(spark, storage.join(root, "LATEST"), "second ü")
     assert storage.read_text(spark, storage.join(root, "LATEST")) == "second ü"
+    assert storage.listdir(spark, root) == ["LATEST"]  # files only, not the v1 directory
+    assert [n for n in storage.listdir(spark, dest) if not n.endswith(".crc")] == ["a.bin", "meta.json"]
+    assert storage.listdir(spark, storage.join(root, "nothing")) == []
     with pytest.raises(FileNotFoundError):
         storage.read_text(spark, storage.join(root, "missing"))
 
@@ -97,3 +100,24 @@ def test_index_at_a_uri_is_published_there_and_shipped_to_executors(spark, tmp_p
     match.run_match(local)
     got = _matches(remote)
     assert got and got == _matches(local)  # same candidates whichever way the index travelled
+
+
+def test_run_statistics_of_a_lake_at_a_uri(spark, tmp_path):
+    from finelake.jobs.pipeline import save_run_stats
+    from finelake.jobs.report import _latest_run
+    from finelake.runtime import StageStats
+
+    lake = f"file://{tmp_path}/lake"
+    stats = []
+    for name, rows in (("genericize", 3), ("match", 5)):
+        st = StageStats(name)
+        st.rows_in = rows
+        stats.append(st.finish())
+    for run_id in ("20260101T000000Z-a", "20260102T000000Z-b"):
+        ctx = StageContext(load_config("local", lake=lake), run_id=run_id, spark=spark)
+        path = save_run_stats(ctx, stats)
+        assert path == f"{lake}/_runs/{run_id}.json"
+    latest = _latest_run(lake, spark)
+    assert latest["run_id"] == "20260102T000000Z-b"
+    assert [(s["stage"], s["rows_in"]) for s in latest["stages"]] == [("genericize", 3), ("match", 5)]
+    assert os.path.isfile(tmp_path / "lake" / "_runs" / "20260101T000000Z-a.json")
