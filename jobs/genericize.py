@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+
 import pandas as pd
 
 from finelake.jobs.common import (commit_in_chunks, count_outcomes, job_main, limit_ordered, map_rows,
