@@ -44,8 +44,8 @@ def root(path: str) -> str:
 def _hadoop(spark, path: str):
     if spark is None or getattr(spark, "_jvm", None) is None:
         raise RuntimeError(f"{path} is a URI: reading or writing it needs a classic Spark session "
-                           "(Hadoop FileSystem in the driver JVM); under Spark Connect give "
-                           "index.path a local or mounted path such as /Volumes/...")
+                           "(Hadoop FileSystem in the driver JVM); under Spark Connect use a local "
+                           "or mounted path such as /Volumes/... (lake, index.path)")
     jvm = spark._jvm  # noqa: SLF001
     p = jvm.org.apache.hadoop.fs.Path(path)
     return jvm, p.getFileSystem(spark._jsc.hadoopConfiguration()), p  # noqa: SLF001
