@@ -40,44 +40,15 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+from machine import ROOT, cpu_info, load_avg, matmul_gflops, offline_env  # benchmarks/ is the script's folder
 
-from machine import cpu_info, load_avg  # noqa: E402  (benchmarks/ is the script's folder)
+offline_env()
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "sample" / "documents.jsonl"
 K, SIGMA, ALPHA = 5, 0.05, 1.0
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-
-
-
-
-def matmul_gflops(threads: int, n: int = 2048, dtype: str = "float32", seconds: float = 2.0) -> float:
-    """Best GFLOP/s of ``n x n @ n x n`` over ~``seconds`` (2n³ FLOPs per product)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        dt = getattr(torch, dtype)
-        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-        c = torch.empty(n, n, dtype=dt)
-        torch.matmul(a, b, out=c)  # warm-up
-        best, t_end = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            torch.matmul(a, b, out=c)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
-        return best
-    finally:
-        torch.set_num_threads(old)
 
 
 def matmul_gflops_per_cpu_s(n: int = 2048, dtype: str = "float32", reps: int = 4) -> float:

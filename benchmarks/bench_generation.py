@@ -42,44 +42,14 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+from machine import ROOT, cpu_info, load_avg, matmul_gflops, offline_env  # benchmarks/ is the script's folder
 
-from machine import cpu_info, load_avg  # noqa: E402  (benchmarks/ is the script's folder)
+offline_env()
 
-ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ROOT / "sample" / "queries.jsonl"
 MODEL = "embedded:smollm2-135m-instruct"
 FLOP_PER_TOKEN = 270e6
 SYSTEM = "You are a helpful assistant. Answer the user's request briefly."
-
-
-# ----------------------------------------------------------------------------- machine
-
-
-
-
-
-
-def matmul_gflops(threads: int, n: int = 2048, seconds: float = 2.0) -> float:
-    """Best fp32 GFLOP/s of an ``n x n @ n x n`` torch matmul (2n³ FLOPs) over ~``seconds``."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)
-        best, t_end = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < t_end:
-            t = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-        return best
-    finally:
-        torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------- prompts
