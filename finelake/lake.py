@@ -22,6 +22,7 @@ from typing import Iterator, Optional, Union
 
 import pyarrow as pa
 
+from finelake import storage
 from finelake.tables import TableDef
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,7 @@ class Lake:
     # -- naming
     def path(self, tdef: Union[TableDef, str]) -> str:
         name = tdef if isinstance(tdef, str) else tdef.name
-        root = self.root if "://" in self.root else os.path.abspath(self.root)
-        return f"{root}/{name}"
+        return f"{storage.root(self.root)}/{name}"
 
     def sql_name(self, tdef: Union[TableDef, str]) -> str:
         name = tdef if isinstance(tdef, str) else tdef.name

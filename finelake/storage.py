@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 
-__all__ = ["is_uri", "join", "root", "exists", "listdir", "read_text", "write_text", "put_dir",
+__all__ = ["is_uri", "join", "root", "hadoop_fs", "exists", "listdir", "read_text", "write_text", "put_dir",
            "distribute", "local_copy"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters or more: not a Windows drive
@@ -41,7 +41,13 @@ def root(path: str) -> str:
     return path if is_uri(path) else os.path.abspath(path)
 
 
-def _hadoop(spark, path: str):
+def hadoop_fs(spark, path: str):
+    """``(jvm, FileSystem, Path)`` of ``path`` from the driver's Hadoop configuration (the
+    cluster's connectors and credentials).
+
+    Raises:
+        RuntimeError: no classic Spark session (Spark Connect has no JVM gateway).
+    """
     if spark is None or getattr(spark, "_jvm", None) is None:
         raise RuntimeError(f"{path} is a URI: reading or writing it needs a classic Spark session "
                            "(Hadoop FileSystem in the driver JVM); under Spark Connect use a local "
@@ -55,7 +61,7 @@ def exists(spark, path: str) -> bool:
     """Whether ``path`` exists (file or directory)."""
     if not is_uri(path):
         return os.path.exists(path)
-    _, fs, p = _hadoop(spark, path)
+    _, fs, p = hadoop_fs(spark, path)
     return bool(fs.exists(p))
 
 
@@ -65,7 +71,7 @@ def listdir(spark, path: str) -> list[str]:
         if not os.path.isdir(path):
             return []
         return sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
-    _, fs, p = _hadoop(spark, path)
+    _, fs, p = hadoop_fs(spark, path)
     if not fs.exists(p):
         return []
     return sorted(st.getPath().getName() for st in fs.listStatus(p) if st.isFile())
@@ -80,7 +86,7 @@ def read_text(spark, path: str) -> str:
     if not is_uri(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
-    jvm, fs, p = _hadoop(spark, path)
+    jvm, fs, p = hadoop_fs(spark, path)
     if not fs.exists(p):
         raise FileNotFoundError(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +106,7 @@ def write_text(spark, path: str, text: str) -> None:
             f.write(text)
         os.replace(tmp, path)
         return
-    jvm, fs, p = _hadoop(spark, path)
+    jvm, fs, p = hadoop_fs(spark, path)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, os.path.basename(path.rstrip("/")) or "file")
         with open(local, "w", encoding="utf-8") as f:
@@ -118,7 +124,7 @@ def put_dir(spark, local_dir: str, dest: str, last: str | None = None) -> None:
         for n in names:
             shutil.copyfile(os.path.join(local_dir, n), os.path.join(dest, n))
         return
-    jvm, fs, p = _hadoop(spark, dest)
+    jvm, fs, p = hadoop_fs(spark, dest)
     fs.mkdirs(p)
     for n in names:
         fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path(os.path.join(local_dir, n)),

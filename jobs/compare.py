@@ -24,6 +24,7 @@ import logging
 import os
 from typing import Optional
 
+from finelake import storage
 from finelake.method.training import equal_budget
 from finelake.runtime import FinelakeError, StageContext
 
@@ -67,13 +68,13 @@ def run_compare(ctx: StageContext, out: Optional[str] = None) -> str:
     from transformers import AutoTokenizer
 
     from finelake.jobs.evaluate import run_evaluate
-    from finelake.jobs.train import _lake_root, setup_mlflow, table_tokens, run_train
+    from finelake.jobs.train import setup_mlflow, table_tokens, run_train
     from finelake.models.resolve import hf_path
 
     cfg = ctx.cfg
     cc = cfg.compare
     grid = parse_runs(cc.runs)
-    out = out or os.path.join(_lake_root(cfg), "_reports", f"compare-{ctx.run_id}")
+    out = out or os.path.join(storage.root(cfg.lake), "_reports", f"compare-{ctx.run_id}")
     os.makedirs(out, exist_ok=True)
 
     tok = AutoTokenizer.from_pretrained(hf_path(cfg.tokenizer.model))

@@ -48,6 +48,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from finelake import storage
 from finelake.jobs.common import arrow_from_rows, model_label
 from finelake.jobs.train import TRAIN_META, data_lake, read_table, setup_mlflow
 from finelake.method import ifeval as ifm
@@ -170,8 +171,8 @@ def resolve_model_path(ctx: StageContext, uri: str) -> str:
         return src[len("file://"):]
     if os.path.isdir(src) and Path(src, "config.json").exists():
         return src
-    root = ctx.cfg.lake if "://" in ctx.cfg.lake else os.path.abspath(ctx.cfg.lake)
-    dst = Path("/tmp" if "://" in root else root, "_mlflow", "downloads", uri.replace(":/", "_").replace("/", "_"))
+    root = storage.root(ctx.cfg.lake)
+    dst = Path("/tmp" if storage.is_uri(root) else root, "_mlflow", "downloads", uri.replace(":/", "_").replace("/", "_"))
     dst.mkdir(parents=True, exist_ok=True)
     return mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=str(dst))
 

@@ -67,6 +67,7 @@ from importlib import resources
 from typing import Any, Optional, Sequence
 from urllib.parse import unquote
 
+from finelake import storage
 from finelake.config import IngestConfig
 from finelake.method.text import (
     ContaminationIndex,
@@ -182,10 +183,8 @@ def resolve_input(spark, path: Optional[str], what: str) -> InputSpec:
     if path is None:
         path = sample_path(f"{what}.jsonl")
     path = str(path)
-    uri = path if ("://" in path or path.startswith("file:")) else os.path.abspath(os.path.expanduser(path))
-    jvm = spark._jvm  # noqa: SLF001
-    hpath = jvm.org.apache.hadoop.fs.Path(uri)
-    fs = hpath.getFileSystem(spark._jsc.hadoopConfiguration())  # noqa: SLF001
+    uri = path if storage.is_uri(path) else os.path.abspath(os.path.expanduser(path))
+    jvm, fs, hpath = storage.hadoop_fs(spark, uri)
     if not fs.exists(hpath):
         raise FinelakeError(f"{what} input not found: {path} (expected a JSONL, Parquet or CSV file "
                             f"or folder, a folder of text files, or a Delta table)")
@@ -487,7 +486,7 @@ def load_eval_texts(specs: Sequence[str], spark=None) -> tuple[list[str], list[s
             files.append(s)
     texts, names = [], []
     for f in files:
-        if "://" in f:
+        if storage.is_uri(f):
             lines = spark.sparkContext.textFile(f).collect()
         else:
             if not os.path.isfile(f):

@@ -12,6 +12,7 @@ user can ask in SQL why pairs were dropped::
 from __future__ import annotations
 
 import functools
+
 import pandas as pd
 
 from finelake.jobs.common import job_main, map_rows, require, spread
@@ -45,7 +46,6 @@ def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     Raises:
         FinelakeError: ``instantiations`` missing (run ``finelake instantiate``).
     """
-
     cfg, lake = ctx.cfg, ctx.lake
     stats = StageStats(STAGE)
     ok = (require(ctx, INSTANTIATIONS, "instantiate").where("status = 'ok'")

@@ -41,6 +41,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from finelake import storage
 from finelake.method import training as tm
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import ALL_TABLES
@@ -57,10 +58,6 @@ TRAIN_META = "finelake_train.json"
 # ----------------------------------------------------------------------------- MLflow
 
 
-def _lake_root(cfg) -> str:
-    return cfg.lake if "://" in cfg.lake else os.path.abspath(cfg.lake)
-
-
 def tracking_settings(cfg) -> dict[str, Optional[str]]:
     """Tracking URI, registry URI and artifact location for this profile.
 
@@ -74,8 +71,8 @@ def tracking_settings(cfg) -> dict[str, Optional[str]]:
     t = cfg.train.mlflow
     uri, art = t.tracking_uri, t.artifact_location
     if uri is None:
-        root = _lake_root(cfg)
-        if "://" in root:
+        root = storage.root(cfg.lake)
+        if storage.is_uri(root):
             raise FinelakeError(f"lake {root} is not a local folder: set train.mlflow.tracking_uri "
                                 "(e.g. 'databricks' or your MLflow server)")
         os.makedirs(os.path.join(root, "_mlflow"), exist_ok=True)
@@ -408,7 +405,7 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
     log.info("train %s: %s@v%d, %d examples, %d tokens (of %d; budget %s)", method, table,
              ts.version, len(ts.examples), ts.tokens, ts.tokens_available, budget)
 
-    out_dir = Path(tc.output_dir or os.path.join(_lake_root(cfg), "_models")) / \
+    out_dir = Path(tc.output_dir or os.path.join(storage.root(cfg.lake), "_models")) / \
         f"{ctx.run_id}_{table}_{method}"
     precision = _precision(tc, torch)
     n_steps = max_steps if max_steps is not None else tc.max_steps

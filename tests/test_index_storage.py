@@ -28,6 +28,14 @@ def test_is_uri_and_join():
     assert not storage.is_uri("C:/data")  # a Windows drive letter is not a scheme
     assert storage.join("s3://b/lake/", "_index", "LATEST") == "s3://b/lake/_index/LATEST"
     assert storage.join("lake", "_index") == os.path.join("lake", "_index")
+    # lake roots: URIs as given (one slash after the scheme too), local paths absolute
+    assert storage.root("dbfs:/Volumes/main/lake") == "dbfs:/Volumes/main/lake"
+    assert storage.root("lake") == os.path.abspath("lake")
+    from finelake.lake import Lake
+
+    # the databricks profile's lake: its tables must not become a local "dbfs:" folder
+    assert Lake("dbfs:/Volumes/main/finelake/lake", None).path("pairs") == \
+        "dbfs:/Volumes/main/finelake/lake/pairs"
 
 
 @pytest.mark.parametrize("uri", [True, False])
