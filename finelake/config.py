@@ -130,7 +130,17 @@ class InstantiateConfig(_Strict):
     mode: Literal["decomposed", "direct"] = "decomposed"
     prompt_version: str = "instantiate-v1"
     min_excerpt_ratio: float = Field(0.8, ge=0, le=1)
+    grounding_min_run_chars: int = Field(
+        20, ge=1, description="The tag-blind grounding check (instantiate and budget) counts only "
+        "runs of at least this many characters copied from the document; shorter answers fail.")
+    min_sentence_chars: int = Field(
+        40, ge=0, description="Decomposed mode: sentence fragments with fewer non-whitespace "
+        "characters (headings, option names in manuals) are joined to their neighbours.")
     max_document_chars: int = Field(6000, ge=100)
+    max_document_tokens: Optional[int] = Field(
+        None, ge=64, description="Cut each document to this many tokens (tokenizer.model) before "
+        "it goes into the prompt, so prompt + answer fit the generator's context (n_ctx / "
+        "max_model_len); null: only max_document_chars applies.")
 
 
 class JudgeConfig(_Strict):
@@ -140,6 +150,11 @@ class JudgeConfig(_Strict):
 
 class BudgetConfig(_Strict):
     seed: int = 0
+    on_ungrounded: Literal["quarantine", "fail"] = Field(
+        "quarantine", description="A judged pair whose answer fails the grounding check against "
+        "its own document (instantiate.min_excerpt_ratio, grounding_min_run_chars) never reaches "
+        "pairs: 'quarantine' records it in quarantine (target pairs) and goes on, 'fail' stops "
+        "the stage before anything is written.")
 
 
 class ContinueConfig(_Strict):

@@ -7,6 +7,14 @@ do not exceed the document's own token count plus the budget earlier documents l
 walk is incremental: documents already in ``budget_ledger`` keep their rows, new ready documents
 continue the walk from the last carry, so reruns change nothing and later runs extend it.
 
+Before the walk every kept pair is checked against its own document with the tag-blind grounding
+rule (:func:`finelake.method.excerpts.grounding_failure`: >= ``instantiate.min_excerpt_ratio`` of
+the answer in runs of >= ``instantiate.grounding_min_run_chars`` characters copied from the
+document). Instantiate applies the same rule, so this should never fire; when it does (an older
+run's rows, a custom instantiator, a join gone wrong) the pair never reaches ``pairs``: it is
+written to ``quarantine`` (target ``pairs``, the reason, the pair as JSON) and spends no budget,
+or with ``budget.on_ungrounded: fail`` the stage stops before it writes anything.
+
 A document is ready when every one of its matches has an instantiation and every ``ok``
 instantiation has a judgment. The walk itself is sequential by nature; it runs on the driver over
 (doc id, token count) integers only — texts stay in Spark.
@@ -16,35 +24,60 @@ instantiation has a judgment. The walk itself is sequential by nature; it runs o
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import pandas as pd
+import pyarrow as pa
 
 from finelake.jobs.common import job_main, require
-from finelake.runtime import StageContext, StageStats
+from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import (BUDGET_LEDGER, DOCUMENTS, INSTANTIATIONS, JUDGMENTS, MATCH_LOG, MATCHES,
-                             PAIRS)
+                             PAIRS, QUARANTINE)
+
+log = logging.getLogger(__name__)
 
 STAGE = "budget"
 
 
-def count_partition(batches: Iterator[pd.DataFrame], tokenizer: str) -> Iterator[pd.DataFrame]:
-    """Executor side: add ``text`` (the formatted pair) and ``num_tokens`` (training tokenizer)."""
+def count_partition(batches: Iterator[pd.DataFrame], tokenizer: str, min_ratio: float,
+                    min_run_chars: int) -> Iterator[pd.DataFrame]:
+    """Executor side: pairs with their document's text (``doc_text``) in; the same rows without
+    it, plus ``text`` (the formatted pair), ``num_tokens`` (training tokenizer) and ``ungrounded``
+    (None, or why the answer is not grounded in the document) out."""
     from finelake.method.budget import format_pair
+    from finelake.method.excerpts import grounding_failure
     from finelake.models.tokenizer import count_tokens
 
     for pdf in batches:
-        out = pdf.copy()
+        out = pdf.drop(columns=["doc_text"])
         out["text"] = [format_pair(i, a) for i, a in zip(pdf["instruction"], pdf["answer"])]
         out["num_tokens"] = count_tokens(tokenizer, out["text"])
+        out["ungrounded"] = [grounding_failure(a, d, min_ratio, min_run_chars)
+                             for a, d in zip(pdf["answer"], pdf["doc_text"])]
         yield out
+
+
+def quarantine_rows(rows) -> list[dict]:
+    """``quarantine`` rows (target ``pairs``) for pairs refused by the grounding check."""
+    import json
+
+    from finelake.jobs.common import stable_hash
+
+    return [{"quarantine_id": stable_hash("pairs", "budget", r["pair_key"], n=20), "target": "pairs",
+             "source": "budget", "location": f"doc_id={r['doc_id']} pair_key={r['pair_key']}",
+             "reason": r["ungrounded"],
+             "raw": json.dumps({"instruction": r["instruction"], "answer": r["answer"],
+                                "template_id": r["template_id"]}, ensure_ascii=False)}
+            for r in rows]
 
 
 def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
     """Extend the budget walk over newly ready documents and write their kept pairs.
 
     Raises:
-        FinelakeError: judgments or upstream tables missing.
+        FinelakeError: judgments or upstream tables missing; a judged pair not grounded in its
+            document while ``budget.on_ungrounded`` is ``fail`` (nothing is written then).
     """
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -70,14 +103,32 @@ def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> Stage
     kept = (judged.where("kept").select("pair_key", "judge_score", "judge_model")
             .join(inst.where("status = 'ok'").select("pair_key", "doc_id", "template_id", "instruction",
                                                      "answer", "excerpt_ratio", "model_id"), "pair_key")
-            .join(new_docs.select("doc_id"), "doc_id", "left_semi"))
-    schema = T.StructType(kept.schema.fields + [T.StructField("text", T.StringType()),
-                                                T.StructField("num_tokens", T.LongType())])
+            .join(new_docs.select("doc_id"), "doc_id", "left_semi")
+            .join(lake.read(DOCUMENTS).select("doc_id", F.col("text").alias("doc_text")), "doc_id"))
+    schema = T.StructType([f for f in kept.schema.fields if f.name != "doc_text"]
+                          + [T.StructField("text", T.StringType()),
+                             T.StructField("num_tokens", T.LongType()),
+                             T.StructField("ungrounded", T.StringType())])
     import functools
 
-    counted = kept.mapInPandas(functools.partial(count_partition, tokenizer=cfg.tokenizer.model),
-                               schema).cache()
-    stats.rows_in = counted.count()
+    checked = kept.mapInPandas(functools.partial(
+        count_partition, tokenizer=cfg.tokenizer.model, min_ratio=cfg.instantiate.min_excerpt_ratio,
+        min_run_chars=cfg.instantiate.grounding_min_run_chars), schema).cache()
+    stats.rows_in = checked.count()
+    refused = checked.where("ungrounded IS NOT NULL").select(
+        "pair_key", "doc_id", "template_id", "instruction", "answer", "ungrounded").collect()
+    if refused:
+        shown = "; ".join(f"{r['pair_key']} (doc {r['doc_id']}): {r['ungrounded']}" for r in refused[:3])
+        if cfg.budget.on_ungrounded == "fail":
+            checked.unpersist()
+            raise FinelakeError(f"{len(refused)} judged pair(s) are not grounded in their own "
+                                f"document, nothing written (budget.on_ungrounded: fail): {shown}")
+        log.warning("budget: %d pair(s) not grounded in their document, quarantined: %s",
+                    len(refused), shown)
+        lake.merge(QUARANTINE, pa.Table.from_pylist(quarantine_rows(refused)), ctx.run_id)
+        stats.quarantined = len(refused)
+        stats.drop("ungrounded_answer", len(refused))
+    counted = checked.where("ungrounded IS NULL").drop("ungrounded")
 
     # Driver: integers only.
     doc_tokens = {r["doc_id"]: int(r["num_tokens"] or 0) for r in new_docs.collect()}
@@ -111,14 +162,13 @@ def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> Stage
                          "num_tokens", "budget_order", F.col("model_id").alias("generator_model"),
                          "judge_model"))
         lake.merge(PAIRS, pairs, ctx.run_id)
-        import pyarrow as pa
-
         lake.merge(BUDGET_LEDGER, pa.Table.from_pylist(ledger), ctx.run_id)
-    counted.unpersist()
+    checked.unpersist()
     new_docs.unpersist()
     stats.extra.update(documents=len(ledger), carry_out=state.carry)
     lake.register(PAIRS)
     lake.register(BUDGET_LEDGER)
+    lake.register(QUARANTINE)
     return stats.finish()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import Optional
 
 import pandas as pd
 
@@ -38,14 +39,26 @@ def pair_key(doc_id: str, template_id: str) -> str:
 
 def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_chars: int,
                      min_excerpt_ratio: float, max_answer_sentences: int,
-                     prompt_version: str) -> list[dict]:
+                     prompt_version: str, min_sentence_chars: int = 40,
+                     grounding_min_run_chars: int = 20, max_document_tokens: Optional[int] = None,
+                     tokenizer: Optional[str] = None) -> list[dict]:
     """Executor side: (doc_id, template_id, text, template) rows, grouped by document, in;
-    ``instantiations`` rows out. The model is reached through the UDF layer (once per worker)."""
+    ``instantiations`` rows out. The model is reached through the UDF layer (once per worker).
+
+    With ``max_document_tokens`` each document is cut to that many ``tokenizer`` tokens (on a
+    token boundary, and never past ``max_document_chars``) before its prompt is built."""
     from finelake.udfs.generation import generate_frame
 
     label = model_label(spec)
-    reqs = [prompts.instantiate_request(d, t, mode, max_document_chars, max_answer_sentences)
-            for d, t in zip(pdf["text"], pdf["template"])]
+    limits = [max_document_chars] * len(pdf)
+    if max_document_tokens:
+        from finelake.models.tokenizer import prefix_chars
+
+        limits = [min(max_document_chars, max(100, c)) for c in
+                  prefix_chars(tokenizer, [d[:max_document_chars] for d in pdf["text"]],
+                               max_document_tokens)]
+    reqs = [prompts.instantiate_request(d, t, mode, lim, max_answer_sentences, min_sentence_chars)
+            for d, t, lim in zip(pdf["text"], pdf["template"], limits)]
     gen = generate_frame(spec, pd.DataFrame({
         "messages": [json.dumps(r.messages, ensure_ascii=False) for r in reqs],
         "json_schema": [json.dumps(r.json_schema) if r.json_schema else None for r in reqs],
@@ -63,7 +76,7 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
             continue
         text = g["text"] if isinstance(g["text"], str) else None
         o = prompts.parse_instantiate(doc, tpl, r, text, mode, min_excerpt_ratio,
-                                      max_answer_sentences)
+                                      max_answer_sentences, grounding_min_run_chars)
         rows.append({**base, "status": o.status, "instruction": o.instruction, "answer": o.answer,
                      "excerpt_ratio": o.excerpt_ratio, "reason": o.reason,
                      "raw_output": text})
@@ -104,7 +117,11 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
                            max_document_chars=ic.max_document_chars,
                            min_excerpt_ratio=ic.min_excerpt_ratio,
                            max_answer_sentences=ic.max_answer_sentences,
-                           prompt_version=ic.prompt_version)
+                           prompt_version=ic.prompt_version,
+                           min_sentence_chars=ic.min_sentence_chars,
+                           grounding_min_run_chars=ic.grounding_min_run_chars,
+                           max_document_tokens=ic.max_document_tokens,
+                           tokenizer=cfg.tokenizer.model)
     commit_in_chunks(ctx, STAGE, INSTANTIATIONS, work, "doc_id", n_docs, ic.chunk_documents,
                      lambda part: map_rows(part, fn, INSTANTIATIONS), order=("sample_rank",))
     work.unpersist()

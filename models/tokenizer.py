@@ -53,3 +53,32 @@ def count_tokens(model: str, texts: Iterable[str]) -> list[int]:
     for i, n in zip(idx, lens):
         out[i] = n
     return out
+
+
+def prefix_chars(model: str, texts: Iterable[str], max_tokens: int) -> list[int]:
+    """Length in characters of the longest prefix of each text that has at most ``max_tokens``
+    tokens (no special tokens); the whole length when the text is shorter.
+
+    Used to cut documents so a prompt fits a model's context (``instantiate.max_document_tokens``).
+
+    Args:
+        model: tokenizer name as in ``tokenizer.model``.
+        texts: strings (None counts as "").
+        max_tokens: token limit (>= 1).
+
+    Returns:
+        One int per text; ``texts[i][:result[i]]`` ends on a token boundary.
+
+    Raises:
+        ValueError: ``max_tokens < 1``.
+    """
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    tok = load_tokenizer(model)
+    texts = [t or "" for t in texts]
+    if hasattr(tok, "encode_batch"):  # tokenizers.Tokenizer
+        offsets = [e.offsets for e in tok.encode_batch(texts, add_special_tokens=False)]
+    else:
+        offsets = tok(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [len(t) if len(o) <= max_tokens else int(o[max_tokens - 1][1])
+            for t, o in zip(texts, offsets)]

@@ -311,6 +311,40 @@ def excerpt_ratio(answer_expanded: str, document: str, min_span_chars: int = 20)
     return hit / total if total else 0.0
 
 
+GROUNDING_MIN_RUN_CHARS = 20
+"""Default shortest copied run (collapsed characters) that counts as excerpted in :func:`grounding_failure`."""
+
+
+def grounding_failure(answer: str, document: str, min_ratio: float = 0.8,
+                      min_run_chars: int = GROUNDING_MIN_RUN_CHARS) -> Optional[str]:
+    """Why ``answer`` is not grounded in ``document``, or None when it is (§3.3: an answer is
+    mostly excerpt of its own document; ``instantiate.min_excerpt_ratio`` = 0.8).
+
+    The rule knows nothing about tags or about how the answer was made, so it holds whatever
+    the instantiator wrote and however the pair travelled to ``pairs``: at least ``min_ratio``
+    of the answer's non-whitespace characters lie in runs of ``min_run_chars`` or more
+    characters copied verbatim (whitespace-collapsed) from the document
+    (:func:`excerpt_ratio`). An answer with fewer than ``min_run_chars`` non-whitespace
+    characters fails outright: a fragment such as ``OPTIONS`` occurs in many documents and
+    grounds nothing.
+
+    Returns:
+        None, or a reason: ``"answer_too_short: ..."`` or ``"ungrounded: ..."`` with the ratio.
+
+    Raises:
+        ValueError: ``min_run_chars < 1``.
+    """
+    n = _non_ws_len(answer or "")
+    if n < min_run_chars:
+        return (f"answer_too_short: {n} non-whitespace characters < {min_run_chars} "
+                f"(shortest copied run that counts as an excerpt)")
+    ratio = excerpt_ratio(answer, document, min_span_chars=min_run_chars)
+    if ratio < min_ratio:
+        return (f"ungrounded: {ratio:.2f} of the answer lies in runs of >= {min_run_chars} "
+                f"characters copied from the document (< {min_ratio})")
+    return None
+
+
 def make_excerpt_pointer(span_text: str, head_words: int = 6, tail_words: int = 6,
                          document: Optional[str] = None) -> str:
     """Build the excerpt tag for a span of a document (the embedded path's answers, §3.3).

@@ -207,9 +207,14 @@ class InstantiateRequest:
 
 
 def instantiate_request(document: str, template: str, mode: str, max_document_chars: int,
-                        max_answer_sentences: int = 4) -> InstantiateRequest:
+                        max_answer_sentences: int = 4,
+                        min_sentence_chars: int = 40) -> InstantiateRequest:
     """Build the request for one pair, the document first so that requests for the same
     document share a prefix (vLLM prefix caching / llama.cpp KV reuse, §3.3 cost note).
+
+    Decomposed mode numbers the document's sentences (:func:`split_sentences`), fragments of
+    fewer than ``min_sentence_chars`` non-whitespace characters joined to their neighbours, so
+    the model never picks a heading or an option name as the whole answer.
 
     Raises:
         ValueError: the template has no slot (it would have been rejected by genericize).
@@ -221,7 +226,7 @@ def instantiate_request(document: str, template: str, mode: str, max_document_ch
     if mode == "direct":
         payload = json.dumps({"instruction_template": template, "document": doc}, ensure_ascii=False)
         return InstantiateRequest([{"role": "user", "content": payload}], None, [], slots)
-    sents = split_sentences(doc, max_chars=max_document_chars) or [Span(doc, 0, len(doc))]
+    sents = split_sentences(doc, max_chars=max_document_chars, min_chars=min_sentence_chars) or [Span(doc, 0, len(doc))]
     phrases = candidate_spans(doc, max_spans=MAX_FILL_PHRASES, max_words=3, scan_chars=len(doc))
     if not phrases:
         phrases = [Span(doc[:40], 0, min(40, len(doc)))]
@@ -262,13 +267,17 @@ class InstantiateOutcome:
 
 
 def parse_instantiate(document: str, template: str, req: InstantiateRequest, output: Optional[str],
-                      mode: str, min_excerpt_ratio: float, max_answer_sentences: int = 4) -> InstantiateOutcome:
+                      mode: str, min_excerpt_ratio: float, max_answer_sentences: int = 4,
+                      min_run_chars: int = excerpts.GROUNDING_MIN_RUN_CHARS) -> InstantiateOutcome:
     """Turn model output into an instruction and an expanded, excerpt-checked answer.
 
     The answer's ``<excerpt>`` pointers are expanded against the document (only a pointer that
     matches exactly one span expands, :func:`excerpts.expand_excerpts`), its excerpted share is
     computed, and a share below ``min_excerpt_ratio`` gives ``excerpt_rejected`` (§3.3). In
-    decomposed mode the pointer is built by code from the chosen sentence range.
+    decomposed mode the pointer is built by code from the chosen sentence range. An answer
+    that passes the tag accounting must also pass the tag-blind check
+    :func:`excerpts.grounding_failure` (copied runs of ``min_run_chars`` or more), else it is
+    ``excerpt_rejected`` with that reason (``answer_too_short`` / ``ungrounded``).
     """
     try:
         data = _load_json(output)
@@ -302,7 +311,10 @@ def parse_instantiate(document: str, template: str, req: InstantiateRequest, out
         last = min(last, first + max_answer_sentences - 1)
         instruction = templates.fill_template(template, fills)
         span = document[req.sentences[first - 1].start:req.sentences[last - 1].end]
-        raw_answer = excerpts.make_excerpt_pointer(span, document=document)
+        try:
+            raw_answer = excerpts.make_excerpt_pointer(span, document=document)
+        except ValueError as exc:  # e.g. the span itself holds "<...>" or excerpt tags
+            return InstantiateOutcome("invalid", instruction=instruction, reason=f"unpointable_span: {exc}")
     if not instruction or not raw_answer:
         return InstantiateOutcome("invalid", reason="empty_instruction_or_answer")
     if templates.unfilled_slots(instruction):
@@ -316,4 +328,8 @@ def parse_instantiate(document: str, template: str, req: InstantiateRequest, out
     if expanded.excerpt_ratio < min_excerpt_ratio:
         return InstantiateOutcome("excerpt_rejected", instruction, answer, expanded.excerpt_ratio,
                                   f"excerpt_ratio<{min_excerpt_ratio}", raw_answer)
+    why = excerpts.grounding_failure(answer, document, min_excerpt_ratio, min_run_chars)
+    if why:
+        return InstantiateOutcome("excerpt_rejected", instruction, answer, expanded.excerpt_ratio,
+                                  why, raw_answer)
     return InstantiateOutcome("ok", instruction, answer, expanded.excerpt_ratio, None, raw_answer)

@@ -89,16 +89,24 @@ def candidate_spans(query: str, max_spans: int = 8, max_words: int = 4,
 _SENT_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])|\n\s*\n|\n(?=[-*•\d])")
 
 
-def split_sentences(text: str, max_chars: int | None = None) -> list[Span]:
+def split_sentences(text: str, max_chars: int | None = None, min_chars: int = 0) -> list[Span]:
     """Split a document into sentences with character offsets.
 
     Sentence ends: ``.``, ``!`` or ``?`` followed by white space and an upper-case letter or digit,
     a blank line, or a line that starts a list item. Each span is stripped of surrounding
     white space; empty pieces are skipped.
 
+    With ``min_chars``, a piece with fewer non-whitespace characters is joined to the pieces
+    after it until the unit reaches ``min_chars`` (a short last unit joins the one before it).
+    Manual pages, READMEs and code-heavy text split into fragments such as ``OPTIONS``,
+    ``[FILE]...`` or ``--debug``; as a whole answer such a fragment says nothing and no
+    grounding check can tell a 7-character excerpt from a coincidence (§3.3), so the
+    instantiation prompt numbers whole units instead.
+
     Args:
         text: the document.
         max_chars: only sentences that end within the first ``max_chars`` characters are kept.
+        min_chars: smallest unit, in non-whitespace characters (0: no joining).
 
     Returns:
         Spans in document order; ``text[s.start:s.end] == s.text``.
@@ -115,4 +123,24 @@ def split_sentences(text: str, max_chars: int | None = None) -> list[Span]:
                 break
             out.append(Span(text[s:e], s, e))
         pos = m.end() if m is not None else len(text)
-    return out
+    return _join_short(text, out, min_chars) if min_chars > 0 else out
+
+
+def _non_ws(s: str) -> int:
+    return len(s) - sum(c.isspace() for c in s)
+
+
+def _join_short(text: str, spans: list[Span], min_chars: int) -> list[Span]:
+    """Contiguous units of ``spans`` with at least ``min_chars`` non-whitespace characters each
+    (a document shorter than that stays one unit)."""
+    units: list[Span] = []
+    start = None
+    for sp in spans:
+        start = sp.start if start is None else start
+        if _non_ws(text[start:sp.end]) >= min_chars:
+            units.append(Span(text[start:sp.end], start, sp.end))
+            start = None
+    if start is not None:  # a short tail: join it to the previous unit
+        s = units.pop().start if units else start
+        units.append(Span(text[s:spans[-1].end], s, spans[-1].end))
+    return units
