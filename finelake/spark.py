@@ -21,11 +21,43 @@ _DELTA_SQL_CONF = {
 }
 
 
+def delta_conf(cfg: FinelakeConfig) -> dict[str, str]:
+    """The settings that put Delta on a session this process starts: the fetched jars
+    (:mod:`finelake.delta_jars`) on ``spark.jars`` plus the Delta SQL extension and catalog.
+
+    Empty when the profile says ``deltalake``, when the profile brings its own jars
+    (``spark.jars`` / ``spark.jars.packages`` in ``spark.conf``), when the master is not local
+    (clusters ship Delta), under ``spark-submit`` (its driver JVM is already running: pass
+    ``--jars "$(finelake delta-jars --list)"``), or when no jars were fetched.
+    """
+    from finelake import delta_jars
+
+    own = {"spark.jars", "spark.jars.packages"} & set(cfg.spark.conf)
+    local = (cfg.spark.master or "").startswith("local")
+    if cfg.spark.delta == "deltalake" or own or not local:
+        return {}
+    if _under_spark_submit():
+        return {}  # the driver JVM is running: its classpath is spark-submit's (see delta_engine)
+    jars = delta_jars.installed_jars()
+    if not jars:
+        if cfg.spark.delta == "delta-spark":
+            log.warning("no Delta jars in %s: run `finelake delta-jars` (make setup does)",
+                        delta_jars.jars_dir())
+        return {}
+    return {"spark.jars": ",".join(jars), **_DELTA_SQL_CONF}
+
+
+def _under_spark_submit() -> bool:
+    """A Python app started by spark-submit: the driver JVM (and its classpath) already exists."""
+    return bool(os.environ.get("PYSPARK_GATEWAY_PORT"))
+
+
 def get_spark(cfg: FinelakeConfig):
     """Create (or join) the Spark session for ``cfg``.
 
     Executors use this interpreter (``PYSPARK_PYTHON``) unless the environment says otherwise.
-    With ``spark.delta: delta-spark`` the Delta SQL extension and catalog are configured.
+    A local session gets the fetched Delta jars (:func:`delta_conf`); with ``spark.delta:
+    delta-spark`` the Delta SQL extension and catalog are configured in any case.
     """
     from pyspark.sql import SparkSession
 
@@ -34,7 +66,7 @@ def get_spark(cfg: FinelakeConfig):
     b = SparkSession.builder.appName(cfg.spark.app_name)
     if cfg.spark.master:
         b = b.master(cfg.spark.master)
-    conf = dict(cfg.spark.conf)
+    conf = {**delta_conf(cfg), **cfg.spark.conf}
     if cfg.spark.delta == "delta-spark":
         for k, v in _DELTA_SQL_CONF.items():
             conf.setdefault(k, v)
@@ -47,7 +79,10 @@ def get_spark(cfg: FinelakeConfig):
 
 def _delta_classes_present(spark) -> bool:
     try:
-        spark._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")  # noqa: SLF001
+        # spark.jars live in Spark's own class loader, not the JVM's system one: ask the thread's.
+        jvm = spark._jvm  # noqa: SLF001
+        jvm.java.lang.Thread.currentThread().getContextClassLoader().loadClass(
+            "io.delta.tables.DeltaTable")
         import delta  # noqa: F401  (python API of delta-spark)
 
         return True
@@ -69,7 +104,17 @@ def delta_engine(cfg: FinelakeConfig, spark) -> str:
     if want == "delta-spark" and not present:
         raise RuntimeError(
             "spark.delta is 'delta-spark' but io.delta classes are not on the classpath: add the "
-            "Delta jars (Databricks and EMR ship them) or set spark.delta: deltalake")
+            "Delta jars (Databricks and EMR ship them; locally `finelake delta-jars` fetches them "
+            "from Maven Central) or set spark.delta: deltalake")
+    if not present and _under_spark_submit():
+        from finelake import delta_jars
+
+        if delta_jars.installed_jars():
+            log.warning("spark-submit without the Delta jars: writing Delta through delta-rs. For "
+                        "Spark MERGE pass spark-submit --jars \"$(finelake delta-jars --list)\" "
+                        "--conf spark.sql.extensions=%s --conf spark.sql.catalog.spark_catalog=%s",
+                        _DELTA_SQL_CONF["spark.sql.extensions"],
+                        _DELTA_SQL_CONF["spark.sql.catalog.spark_catalog"])
     engine = "delta-spark" if present else "deltalake"
     log.info("Delta engine: %s", engine)
     return engine

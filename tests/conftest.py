@@ -1,4 +1,11 @@
-"""Shared fixtures: one local Spark session for the whole run, a fresh lake folder per test."""
+"""Shared fixtures: one local Spark session for the whole run, a fresh lake folder per test.
+
+The session carries the Delta jars that ``make setup`` fetched (:mod:`finelake.delta_jars`), so
+every stage test runs the cluster code path (Spark MERGE, ``USING DELTA``, ``VERSION AS OF``);
+the delta-rs engine is tested beside it where a test asks for both (``tests/test_lake.py``).
+``FINELAKE_TEST_DELTA=deltalake`` runs the whole suite on delta-rs instead; with
+``FINELAKE_TEST_DELTA=delta-spark`` missing jars are an error rather than a fallback.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +20,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _engine() -> str:
+    from finelake.delta_jars import installed_jars, jars_dir
+
+    want = os.environ.get("FINELAKE_TEST_DELTA")
+    if want == "delta-spark" and not installed_jars():
+        raise RuntimeError(f"FINELAKE_TEST_DELTA=delta-spark but no Delta jars in {jars_dir()}: "
+                           "run `make setup` (or `.venv/bin/finelake delta-jars`)")
+    if want:
+        return want
+    return "delta-spark" if installed_jars() else "deltalake"
+
+
+ENGINE = _engine()
+"""The Delta engine of the test session's stages: ``delta-spark`` wherever the jars are."""
+
+
+def pytest_report_header(config):
+    return f"finelake Delta engine: {ENGINE}"
+
+
 @pytest.fixture(scope="session")
 def spark():
     """Small local Spark: 2 cores, UI off, few shuffle partitions, Arrow on."""
     from pyspark.sql import SparkSession
 
-    s = (SparkSession.builder.master("local[2]").appName("finelake-tests")
+    from finelake.config import load_config
+    from finelake.spark import delta_conf
+
+    b = SparkSession.builder
+    if ENGINE == "delta-spark":
+        for k, v in delta_conf(load_config("local")).items():
+            b = b.config(k, v)
+    s = (b.master("local[2]").appName("finelake-tests")
+         .config("spark.databricks.delta.snapshotPartitions", "2")
          .config("spark.ui.enabled", "false")
          .config("spark.sql.shuffle.partitions", "2")
          .config("spark.default.parallelism", "2")
@@ -29,6 +64,22 @@ def spark():
     s.sparkContext.setLogLevel("ERROR")
     yield s
     s.stop()
+
+
+_SESSIONS: dict = {}
+
+
+def session_for(spark, engine: str):
+    """The session a Lake of ``engine`` should use. delta-rs tables are registered for SQL
+    through a Python data source, which Delta's catalog refuses, so that engine gets a session of
+    its own (same SparkContext) on the plain session catalog: what a machine without the jars has."""
+    if engine == "delta-spark" or "DeltaCatalog" not in spark.conf.get("spark.sql.catalog.spark_catalog", ""):
+        return spark
+    if engine not in _SESSIONS:
+        s = spark.newSession()
+        s.conf.unset("spark.sql.catalog.spark_catalog")
+        _SESSIONS[engine] = s
+    return _SESSIONS[engine]
 
 
 @pytest.fixture
@@ -50,4 +101,4 @@ def cfg(lake_dir):
 def lake(spark, cfg):
     from finelake.lake import Lake
 
-    return Lake(cfg.lake, spark, engine="deltalake", database="finelake_test")
+    return Lake(cfg.lake, spark, engine=ENGINE, database="finelake_test")

@@ -28,7 +28,7 @@ def _short_documents(n=10, max_chars=700):
 def ctx_cfg(lake_dir):
     # truncation=drop with a tiny token limit: most continuations are cut mid-sentence, so the
     # dropped path runs for real; kept rows are checked by the same assertions.
-    return load_config("local", ["spark.delta=deltalake", "catalog.database=finelake_test",
+    return load_config("local", ["catalog.database=finelake_test",
                                  f"continue.max_tokens={MAX_TOKENS}", "continue.truncation=drop"],
                        lake=lake_dir)
 

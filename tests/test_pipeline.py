@@ -15,6 +15,7 @@ from importlib import resources
 import pytest
 from deltalake import DeltaTable
 
+from conftest import ENGINE
 from finelake.config import load_config
 from finelake.jobs import budget, genericize, index, instantiate, judge, match
 from finelake.jobs.ingest import run_ingest
@@ -60,6 +61,7 @@ def runs(spark, tmp_path_factory):
     documents = _write_sample(tmp, "documents.jsonl", N_DOCS)
     lake_a, lake_b = str(tmp / "lake_a"), str(tmp / "lake_b")
     ctx = StageContext(_cfg(lake_a), spark=spark)
+    assert ctx.lake.engine == ENGINE  # delta-spark wherever the jars are: the cluster code path
     run_ingest(ctx, queries=queries, documents=documents)
     for fn in (genericize.run_genericize, index.run_index, match.run_match):
         fn(ctx)
