@@ -126,7 +126,11 @@ def _dedupe_frame(tdef: TableDef, df):
 
 
 def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    """``file:///x`` and ``file:/x`` (Hadoop's spelling) -> ``/x``; anything else unchanged."""
+    for prefix in ("file://", "file:"):
+        if uri.startswith(prefix):
+            return uri[len(prefix):]
+    return uri
 
 
 try:  # PySpark >= 4.0
@@ -462,17 +466,19 @@ class Lake:
         return name
 
     def _register_delta(self, name: str, loc: str) -> None:
-        """``CREATE TABLE name USING DELTA LOCATION loc``; a session-catalog name that points at
-        another lake (tests, a second local lake) is re-pointed, a Unity Catalog / Glue name is
-        not (that would drop someone's table registration)."""
+        """``CREATE TABLE name USING DELTA LOCATION loc``. A name of the in-memory session catalog
+        that points at another lake (tests, a second local lake) is re-pointed; in a persistent
+        catalog (Unity Catalog, Glue, a Hive metastore) that is an error, not a silent re-point
+        of someone's table."""
         if self.spark.catalog.tableExists(name):
             try:
                 have = self.spark.sql(f"DESCRIBE DETAIL {name}").collect()[0]["location"]
             except Exception:  # not a Delta table under that name
                 have = None
-            if have is not None and storage.root(have).rstrip("/") in (loc.rstrip("/"), f"file:{loc}".rstrip("/")):
+            if have is not None and _local_path(have).rstrip("/") == _local_path(loc).rstrip("/"):
                 return
-            if self.catalog:
+            in_memory = self.spark.conf.get("spark.sql.catalogImplementation", "in-memory") == "in-memory"
+            if self.catalog or not in_memory:
                 raise LakeError(f"{name} is registered at {have}, not at {loc}: drop it or choose "
                                 f"another catalog.database")
             self.spark.sql(f"DROP TABLE {name}")  # external table: the files stay

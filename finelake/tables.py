@@ -72,7 +72,8 @@ QUARANTINE = TableDef(
     _schema(("quarantine_id", S), ("target", S), ("source", S), ("location", S), ("reason", S),
             ("raw", S), *LINEAGE),
     key=("quarantine_id",),
-    description="Input rows that were not ingested, with where they came from and why.",
+    description="Input rows that were not ingested, and judged pairs the budget refused as not "
+    "grounded in their document (target pairs), with where they came from and why.",
 )
 
 INGEST_DROPS = TableDef(
