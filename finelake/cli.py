@@ -81,6 +81,13 @@ _inputs = [
     click.option("--documents", type=str, default=None, help="Documents: JSONL/Parquet/CSV/text folder/Delta (default: the shipped sample)."),
 ]
 
+_fields = [
+    click.option("--query-field", default=None, help="Field holding the query text (default: query)."),
+    click.option("--text-field", default=None, help="Field holding the document text (default: text)."),
+    click.option("--id-field", default=None, help="Field holding a row id (default: content hash)."),
+    click.option("--source-field", default=None, help="Field holding the source name."),
+]
+
 
 def _apply(options):
     def deco(f):
@@ -99,11 +106,7 @@ def cli() -> None:
 
 
 @cli.command()
-@_apply(_inputs)
-@click.option("--query-field", default=None, help="Field holding the query text (default: query).")
-@click.option("--text-field", default=None, help="Field holding the document text (default: text).")
-@click.option("--id-field", default=None, help="Field holding a row id (default: content hash).")
-@click.option("--source-field", default=None, help="Field holding the source name.")
+@_apply(_inputs + _fields)
 @_common
 def ingest(ctx, queries, documents, query_field, text_field, id_field, source_field):
     """Ingest queries and documents into Delta (normalize, dedup, decontaminate, quarantine)."""
@@ -146,14 +149,17 @@ def continue_cmd(ctx, max_documents):
 
 
 @cli.command()
-@_apply(_inputs + _limits)
+@_apply(_inputs + _fields + _limits)
 @_common
-def run(ctx, queries, documents, max_queries, max_documents):
+def run(ctx, queries, documents, query_field, text_field, id_field, source_field, max_queries,
+        max_documents):
     """Run the whole pipeline: ingest, genericize, index, match, instantiate, judge, budget, report."""
     from finelake.jobs.pipeline import run_pipeline
 
     run_pipeline(ctx, queries=queries, documents=documents, max_queries=max_queries,
-                 max_documents=max_documents)  # prints each stage's summary as it finishes
+                 max_documents=max_documents,  # prints each stage's summary as it finishes
+                 fields=dict(query_field=query_field, text_field=text_field, id_field=id_field,
+                             source_field=source_field))
 
 
 @cli.command()

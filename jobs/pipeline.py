@@ -10,10 +10,11 @@ rerun changes nothing and a killed run resumes. Stage statistics of the run are 
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 from finelake import storage
 from finelake.jobs.common import job_main
-from finelake.runtime import StageContext, StageStats
+from finelake.runtime import FinelakeError, StageContext, StageStats
 
 STAGES = ("genericize", "index", "match", "instantiate", "judge", "budget")
 
@@ -34,7 +35,8 @@ def save_run_stats(ctx: StageContext, stats: list[StageStats]) -> str:
 
 
 def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=None,
-                 max_documents=None, report: bool = True) -> list[StageStats]:
+                 max_documents=None, report: bool = True,
+                 fields: Optional[dict] = None) -> list[StageStats]:
     """Run every stage in order on one Spark session, printing each stage's summary line as it
     finishes; returns their statistics.
 
@@ -43,16 +45,22 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
         max_queries, max_documents: limits for genericize / match and later (None: the profile's
             ``run`` section).
         report: also write the report (``finelake report``).
+        fields: ``query_field`` / ``text_field`` / ``id_field`` / ``source_field`` for ingest
+            (None values: the defaults, see :func:`finelake.jobs.ingest.run_ingest`).
+
+    Raises:
+        FinelakeError: after ingest, when the queries or documents table has no row.
     """
     import importlib
 
     from finelake.jobs.ingest import run_ingest
 
     out: list[StageStats] = []
-    ing = run_ingest(ctx, queries=queries, documents=documents)
+    ing = run_ingest(ctx, queries=queries, documents=documents, **(fields or {}))
     out.extend(ing if isinstance(ing, (list, tuple)) else [ing])
     for s in out:
         print(s.summary(), flush=True)
+    _require_ingested_rows(ctx, out)
     for stage in STAGES:
         mod = importlib.import_module(f"finelake.jobs.{stage}")
         st = getattr(mod, f"run_{stage}")(ctx, max_queries=max_queries, max_documents=max_documents)
@@ -65,6 +73,29 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
         path = run_report(ctx)
         print(f"report written to {path}", flush=True)
     return out
+
+
+def _require_ingested_rows(ctx: StageContext, ingested: list[StageStats]) -> None:
+    """Stop after ingest when the queries or documents table has no row, naming why.
+
+    Raises:
+        FinelakeError: a table is empty, e.g. every input row was quarantined because the text
+            field has another name (the message gives the quarantine reasons and ``--query-field``
+            / ``--text-field``).
+    """
+    from finelake.tables import DOCUMENTS, QUERIES
+
+    by_stage = {s.stage: s for s in ingested}
+    for tdef, stage, flag in ((QUERIES, "ingest:queries", "--query-field"),
+                              (DOCUMENTS, "ingest:documents", "--text-field")):
+        if ctx.lake.read_arrow(tdef, columns=list(tdef.key)).num_rows:
+            continue
+        st = by_stage.get(stage)
+        why = (f"this ingest read {st.rows_in} rows and quarantined {st.quarantined} "
+               f"{st.extra.get('quarantine', '(no reason recorded)')}" if st else "nothing was ingested")
+        raise FinelakeError(
+            f"table {tdef.name} at {ctx.lake.path(tdef)} has no row: {why}; the quarantine table "
+            f"says why per row; if the text is in another field, name it with {flag}")
 
 
 def main(argv=None):

@@ -33,9 +33,11 @@ def funnel(lake: Lake) -> list[tuple[str, int]]:
     judged = Counter(_col(lake, JUDGMENTS, ["kept"])["kept"])
     ml = _col(lake, MATCH_LOG, ["candidates", "sampled"])
     ledger = _col(lake, BUDGET_LEDGER, ["dropped_over_budget"])
+    quarantined = Counter(_col(lake, QUARANTINE, ["target"])["target"])
+    refused = quarantined.pop(PAIRS.name, 0)
     return [
         ("queries ingested", len(_col(lake, QUERIES, ["query_id"])["query_id"])),
-        ("input rows quarantined (both tables)", len(_col(lake, QUARANTINE, ["quarantine_id"])["quarantine_id"])),
+        ("input rows quarantined (both tables)", sum(quarantined.values())),
         ("queries genericized", sum(g.values())),
         ("  valid templates (per query)", g.get("ok", 0)),
         ("  invalid / no template", sum(v for k, v in g.items() if k != "ok")),
@@ -50,6 +52,7 @@ def funnel(lake: Lake) -> list[tuple[str, int]]:
         ("  invalid output / error", inst.get("invalid", 0) + inst.get("error", 0)),
         ("judged out (score < min)", judged.get(False, 0)),
         ("over token budget", int(sum(ledger["dropped_over_budget"]))),
+        ("refused at budget: answer not grounded (quarantined)", refused),
         ("kept pairs", len(_col(lake, PAIRS, ["pair_id"])["pair_id"])),
     ]
 

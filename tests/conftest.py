@@ -55,6 +55,7 @@ def spark():
     s = (b.master("local[2]").appName("finelake-tests")
          .config("spark.databricks.delta.snapshotPartitions", "2")
          .config("spark.ui.enabled", "false")
+         .config("spark.ui.showConsoleProgress", "false")
          .config("spark.sql.shuffle.partitions", "2")
          .config("spark.default.parallelism", "2")
          .config("spark.sql.execution.arrow.pyspark.enabled", "true")

@@ -185,6 +185,10 @@ def test_budget_refuses_a_pair_not_grounded_in_its_document(spark, lake_dir):
     assert keys["boar"] in q[0]["location"] and q[0]["reason"].startswith("ungrounded")
     assert json.loads(q[0]["raw"])["answer"].startswith("Copy every SOURCE")
     assert stats.quarantined == 1 and stats.dropped == {"ungrounded_answer": 1}
+    from finelake.jobs.report import funnel
+    counts = dict(funnel(ctx.lake))  # the report counts the refusal apart from input quarantine
+    assert counts["refused at budget: answer not grounded (quarantined)"] == 1
+    assert counts["input rows quarantined (both tables)"] == 0 and counts["kept pairs"] == 1
     versions = {t.name: ctx.lake.version(t) for t in (PAIRS, QUARANTINE)}
     again = run_budget(StageContext(load_config("local", lake=lake_dir), spark=spark))
     assert again.rows_in == 0  # both documents are in the ledger: nothing is walked twice

@@ -338,3 +338,37 @@ def test_main_delegates_to_the_cli(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--queries" in out and "--query-field" in out
+
+
+def test_run_stops_after_ingest_when_no_query_is_accepted_and_takes_the_field_options(
+        spark, tmp_path, monkeypatch):
+    """`finelake run` on queries whose text is in another field: every row is quarantined as
+    missing, and the run stops there with the reason and the option to use, instead of failing
+    later in genericize on a table that was never written; with the option, ingest takes them."""
+    from finelake.jobs import pipeline
+
+    qs = tmp_path / "qs.jsonl"
+    qs.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in (
+        "How do I list hidden files in a directory?", "How can I change a git remote url?")),
+        encoding="utf-8")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": DOCS_SAMPLE[1]["text"]}) + "\n", encoding="utf-8")
+    ctx = _ctx(spark, tmp_path, "run_fields")
+    monkeypatch.setattr(pipeline, "STAGES", ())  # what is tested is ingest and the stop after it
+    with pytest.raises(FinelakeError, match=r"table queries .* has no row: this ingest read 2 rows "
+                                            r"and quarantined 2 \(missing=2\).*--query-field"):
+        pipeline.run_pipeline(ctx, queries=str(qs), documents=str(docs), report=False)
+    assert [r["reason"].split(":")[0] for r in _table(ctx, QUARANTINE)] == ["missing", "missing"]
+    stats = pipeline.run_pipeline(ctx, queries=str(qs), documents=str(docs), report=False,
+                                  fields={"query_field": "prompt"})
+    assert [s.extra["inserted"] for s in stats] == [2, 0]  # the document came in the first run
+    assert len(_table(ctx, QUERIES)) == 2
+
+
+def test_run_command_takes_the_ingest_field_options():
+    from click.testing import CliRunner
+
+    from finelake.cli import cli
+
+    out = CliRunner().invoke(cli, ["run", "--help"]).output
+    assert all(f in out for f in ("--query-field", "--text-field", "--id-field", "--source-field"))
