@@ -57,6 +57,20 @@ def funnel(lake: Lake) -> list[tuple[str, int]]:
     ]
 
 
+def few_shot_slot_copies(templates) -> tuple[int, int]:
+    """(slots whose description is one of the few-shot turns' kinds, all slots) over templates.
+
+    A quality signal for small genericizers: a copied kind ("kitchen tool") says the model echoed
+    the prompt's examples instead of naming the query's own category (§3.1 prompt, see
+    :data:`finelake.method.prompts.EXAMPLE_KINDS`). Descriptions compare case- and space-blind.
+    """
+    from finelake.method.prompts import EXAMPLE_KINDS
+    from finelake.method.templates import parse_slots
+
+    slots = [" ".join(d.lower().split()) for t in templates for d in parse_slots(t)]
+    return sum(d in EXAMPLE_KINDS for d in slots), len(slots)
+
+
 def _latest_run(lake_root: str, spark=None) -> Optional[dict]:
     from finelake.jobs.pipeline import runs_dir
 
@@ -136,6 +150,10 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
               f"- documents: {stats['num_documents']}, kept instructions: {stats['num_instructions']}, "
               f"unique templates used: {stats['unique_templates']}",
               f"- share of the most used template: {stats['top_template_share']:.1%}"]
+    copied, n_slots = few_shot_slot_copies(_col(lake, TEMPLATES, ["template"])["template"])
+    if n_slots:
+        lines.append(f"- slot descriptions copied from the genericize few-shot turns: {copied} of "
+                     f"{n_slots} ({copied / n_slots:.0%}; a small model's tell)")
     if stats["fit"]:
         a, b, r2 = stats["fit"]
         lines.append(f"- unique templates vs documents: y = {a:.2f}·x^{b:.2f} (r² = {r2:.2f}); "
