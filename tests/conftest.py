@@ -67,6 +67,17 @@ def spark():
     s.stop()
 
 
+
+def sample_slice(tmp, name: str, n: int) -> str:
+    """The first ``n`` lines of a shipped sample file (``finelake.sample/<name>``) written under
+    ``tmp``; returns the new file's path."""
+    from importlib import resources
+
+    rows = resources.files("finelake.sample").joinpath(name).read_text(encoding="utf-8").split("\n")
+    path = tmp / name
+    path.write_text("\n".join(rows[:n]) + "\n", encoding="utf-8")
+    return str(path)
+
 _SESSIONS: dict = {}
 
 

@@ -4,12 +4,11 @@ tables: rows, run ids, and the run id of every commit."""
 from __future__ import annotations
 
 import os
-from importlib import resources
 
 import pytest
 from deltalake import DeltaTable
 
-from conftest import ENGINE, session_for
+from conftest import ENGINE, sample_slice, session_for
 from finelake.config import load_config
 from finelake.jobs.budget import run_budget
 from finelake.jobs.ingest import run_ingest
@@ -18,13 +17,6 @@ from finelake.tables import ALL_TABLES
 
 pytestmark = pytest.mark.skipif(ENGINE != "delta-spark",
                                 reason="no Delta jars in this environment (make setup fetches them)")
-
-
-def _slice(tmp, name, n):
-    rows = resources.files("finelake.sample").joinpath(name).read_text(encoding="utf-8").split("\n")
-    path = tmp / name
-    path.write_text("\n".join(rows[:n]) + "\n", encoding="utf-8")
-    return str(path)
 
 
 def _tables(lake_dir):
@@ -46,8 +38,8 @@ def _tables(lake_dir):
 def test_ingest_and_budget_write_identical_tables_on_both_engines(spark, tmp_path):
     from test_grounding import _write_judged_pairs
 
-    queries = _slice(tmp_path, "queries.jsonl", 40)
-    documents = _slice(tmp_path, "documents.jsonl", 20)
+    queries = sample_slice(tmp_path, "queries.jsonl", 40)
+    documents = sample_slice(tmp_path, "documents.jsonl", 20)
     got = {}
     for engine in ("delta-spark", "deltalake"):
         lake = str(tmp_path / engine)

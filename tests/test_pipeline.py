@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from importlib import resources
 
 import pytest
 from deltalake import DeltaTable
 
-from conftest import ENGINE
+from conftest import ENGINE, sample_slice
 from finelake.config import load_config
 from finelake.jobs import budget, genericize, index, instantiate, judge, match
 from finelake.jobs.ingest import run_ingest
@@ -27,13 +26,6 @@ pytestmark = pytest.mark.slow
 
 N_QUERIES, N_DOCS = 60, 10
 LATE = (instantiate.run_instantiate, judge.run_judge, budget.run_budget)
-
-
-def _write_sample(tmp, name, n):
-    rows = resources.files("finelake.sample").joinpath(name).read_text(encoding="utf-8").split("\n")
-    path = tmp / name
-    path.write_text("\n".join(rows[:n]) + "\n", encoding="utf-8")
-    return str(path)
 
 
 def _cfg(lake):
@@ -57,8 +49,8 @@ def _versions(lake):
 @pytest.fixture(scope="module")
 def runs(spark, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    queries = _write_sample(tmp, "queries.jsonl", N_QUERIES)
-    documents = _write_sample(tmp, "documents.jsonl", N_DOCS)
+    queries = sample_slice(tmp, "queries.jsonl", N_QUERIES)
+    documents = sample_slice(tmp, "documents.jsonl", N_DOCS)
     lake_a, lake_b = str(tmp / "lake_a"), str(tmp / "lake_b")
     ctx = StageContext(_cfg(lake_a), spark=spark)
     assert ctx.lake.engine == ENGINE  # delta-spark wherever the jars are: the cluster code path
