@@ -57,20 +57,6 @@ def funnel(lake: Lake) -> list[tuple[str, int]]:
     ]
 
 
-def few_shot_slot_copies(templates) -> tuple[int, int]:
-    """(slots whose description is one of the few-shot turns' kinds, all slots) over templates.
-
-    A quality signal for small genericizers: a copied kind ("kitchen tool") says the model echoed
-    the prompt's examples instead of naming the query's own category (§3.1 prompt, see
-    :data:`finelake.method.prompts.EXAMPLE_KINDS`). Descriptions compare case- and space-blind.
-    """
-    from finelake.method.prompts import EXAMPLE_KINDS
-    from finelake.method.templates import parse_slots
-
-    slots = [" ".join(d.lower().split()) for t in templates for d in parse_slots(t)]
-    return sum(d in EXAMPLE_KINDS for d in slots), len(slots)
-
-
 def _latest_run(lake_root: str, spark=None) -> Optional[dict]:
     from finelake.jobs.pipeline import runs_dir
 
@@ -91,7 +77,7 @@ def _hist_plot(values, bins, title, xlabel, path):
 
 def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
     """Write ``report.md`` and plots; print the Markdown; return the report's path."""
-    from finelake.method.diversity import template_usage_stats
+    from finelake.method.diversity import few_shot_slot_copies, template_usage_stats
     from finelake.plots import saved_figure
 
     cfg = ctx.cfg

@@ -67,7 +67,6 @@ def spark():
     s.stop()
 
 
-
 def sample_slice(tmp, name: str, n: int) -> str:
     """The first ``n`` lines of a shipped sample file (``finelake.sample/<name>``) written under
     ``tmp``; returns the new file's path."""
@@ -77,6 +76,7 @@ def sample_slice(tmp, name: str, n: int) -> str:
     path = tmp / name
     path.write_text("\n".join(rows[:n]) + "\n", encoding="utf-8")
     return str(path)
+
 
 _SESSIONS: dict = {}
 

@@ -172,6 +172,7 @@ def _write_judged_pairs(lake):
 
 def test_budget_refuses_a_pair_not_grounded_in_its_document(spark, lake_dir):
     from finelake.jobs.budget import run_budget
+    from finelake.jobs.report import funnel
     from finelake.runtime import StageContext
     from finelake.tables import PAIRS, QUARANTINE
 
@@ -185,7 +186,6 @@ def test_budget_refuses_a_pair_not_grounded_in_its_document(spark, lake_dir):
     assert keys["boar"] in q[0]["location"] and q[0]["reason"].startswith("ungrounded")
     assert json.loads(q[0]["raw"])["answer"].startswith("Copy every SOURCE")
     assert stats.quarantined == 1 and stats.dropped == {"ungrounded_answer": 1}
-    from finelake.jobs.report import funnel
     counts = dict(funnel(ctx.lake))  # the report counts the refusal apart from input quarantine
     assert counts["refused at budget: answer not grounded (quarantined)"] == 1
     assert counts["input rows quarantined (both tables)"] == 0 and counts["kept pairs"] == 1

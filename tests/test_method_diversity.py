@@ -75,3 +75,15 @@ def test_curve_subsampling_and_sublinear_growth():
     flat = [t for d in docs for t in d]
     assert s["top_template_share"] == pytest.approx(max(np.unique(flat, return_counts=True)[1]) / 15000)
     assert math.isfinite(a)
+
+
+def test_few_shot_slot_copies_counts_the_prompts_own_kinds_case_and_space_blind():
+    from finelake.method.diversity import few_shot_slot_copies
+    from finelake.method.prompts import EXAMPLE_KINDS
+
+    kind = sorted(EXAMPLE_KINDS)[0]
+    templates = [f"how do I use a <fi>{kind.upper()}</fi> to cook <fi>dish</fi>?",
+                 f"explain <fi> {kind.replace(' ', '  ')} </fi> in <fi>language</fi>",
+                 "what is <fi>sourdough starter</fi>"]
+    assert few_shot_slot_copies(templates) == (2, 5)
+    assert few_shot_slot_copies([]) == (0, 0)

@@ -89,14 +89,3 @@ def test_compare_plots_skip_what_has_no_data(tmp_path):
     assert files == {}
     assert os.listdir(tmp_path) == []
 
-
-def test_few_shot_slot_copies_counts_the_prompts_own_kinds_case_and_space_blind():
-    from finelake.jobs.report import few_shot_slot_copies
-    from finelake.method.prompts import EXAMPLE_KINDS
-
-    kind = sorted(EXAMPLE_KINDS)[0]
-    templates = [f"how do I use a <fi>{kind.upper()}</fi> to cook <fi>dish</fi>?",
-                 f"explain <fi> {kind.replace(' ', '  ')} </fi> in <fi>language</fi>",
-                 "what is <fi>sourdough starter</fi>"]
-    assert few_shot_slot_copies(templates) == (2, 5)
-    assert few_shot_slot_copies([]) == (0, 0)

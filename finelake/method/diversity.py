@@ -108,3 +108,27 @@ def template_usage_stats(template_ids_in_doc_order: Iterable[Sequence[str]],
         "curve": curve,
         "fit": fit,
     }
+
+
+def few_shot_slot_copies(templates: Iterable[str]) -> tuple[int, int]:
+    """Count slots whose description is one of the genericize few-shot turns' own kinds.
+
+    A quality signal for small genericizers: a copied kind ("kitchen tool") says the model echoed
+    the prompt's examples instead of naming the query's own category (§3.1 prompt, see
+    :data:`finelake.method.prompts.EXAMPLE_KINDS`). Descriptions compare NFKC-, case- and
+    whitespace-blind, as templates are compared with their queries.
+
+    Args:
+        templates: valid template strings (the ``templates`` table).
+
+    Returns:
+        ``(copied, slots)``: slots with a few-shot kind, and all slots.
+
+    Raises:
+        ValueError: a template has malformed tags (see :func:`finelake.method.templates.parse_slots`).
+    """
+    from finelake.method.prompts import EXAMPLE_KINDS
+    from finelake.method.templates import _norm_text, parse_slots
+
+    slots = [_norm_text(d) for t in templates for d in parse_slots(t)]
+    return sum(d in EXAMPLE_KINDS for d in slots), len(slots)
