@@ -4,6 +4,13 @@ A profile is a YAML file (``conf/local.yaml``, ``conf/databricks.yaml``, ``conf/
 name of one of the packaged profiles. Every key is declared below; an unknown key or a value of the
 wrong type raises :class:`ConfigError` naming the key and the file. Command-line overrides use
 dotted keys (``--set match.threshold=0.5``) and are validated the same way.
+
+Inheritance: a profile may start with ``extends: <parent>``; the parent is read first and the
+child is merged over it (:func:`deep_merge`: mappings merge key by key, recursively; scalars,
+lists and nulls replace). ``<parent>`` is a path relative to the child's own folder (``.yaml`` may
+be left off) or, when no such file exists, a packaged profile name. Chains are allowed, cycles are
+a :class:`ConfigError`. Files whose name starts with ``_`` (``conf/_cluster.yaml``) are shared bases,
+not profiles: they load only through ``extends`` and are not listed by :func:`available_profiles`.
 """
 
 from __future__ import annotations
@@ -375,9 +382,78 @@ def profile_path(profile: str | os.PathLike) -> Path:
 
 
 def available_profiles() -> list[str]:
-    """Names of the profiles that ship with finelake."""
+    """Names of the profiles that ship with finelake (shared bases, ``_*.yaml``, left out)."""
     return sorted(f.name[:-5] for f in resources.files("finelake.conf").iterdir()
-                  if f.name.endswith(".yaml"))
+                  if f.name.endswith(".yaml") and not f.name.startswith("_"))
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Merge ``over`` onto ``base`` and return a new dict (inputs are not modified).
+
+    Mappings present on both sides merge recursively; any other value in ``over`` (scalar, list,
+    null) replaces the one in ``base``. Keys only in ``base`` are kept.
+    """
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _parent_path(child: Path, ref: Any) -> Path:
+    """The file that ``extends: ref`` in ``child`` names (see the module docstring)."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"{child}: extends: must be a profile name or a relative path, "
+                          f"not {ref!r}")
+    ref = ref.strip()
+    local = child.parent / ref
+    for cand in (local, local.with_name(local.name + ".yaml")):
+        if cand.is_file():
+            return cand
+    try:
+        return profile_path(ref)
+    except ConfigError:
+        raise ConfigError(f"{child}: extends: {ref!r} is neither a file next to it nor a packaged "
+                          f"profile ({', '.join(available_profiles())})") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of keys to values")
+    return data
+
+
+def read_profile(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, list[Path]]:
+    """Read a profile file with its ``extends`` chain resolved (not yet validated).
+
+    Args:
+        path: the profile's YAML file.
+
+    Returns:
+        ``(data, files)``: the merged mapping (without ``extends``) and the files read, the
+        given one first, then its parent, grandparent...
+
+    Raises:
+        ConfigError: a file is not YAML or not a mapping, ``extends`` names no file, or the chain
+            comes back to a file already in it (the message lists the cycle).
+    """
+    real = path.resolve()
+    if real in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, real))
+        raise ConfigError(f"{path}: extends: cycle {cycle}")
+    data = _read_yaml(path)
+    if "extends" not in data:
+        return data, [path]
+    ref = data.pop("extends")
+    parent = _parent_path(path, ref)
+    base, files = read_profile(parent, (*_chain, real))
+    return deep_merge(base, data), [path, *files]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -416,17 +492,14 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
     Returns:
         The validated :class:`FinelakeConfig`.
 
+    The profile's ``extends`` chain is resolved first (:func:`read_profile`).
+
     Raises:
-        ConfigError: the file is missing or not YAML, or a key is unknown or mistyped; the
-            message names the key and the file.
+        ConfigError: the file is missing or not YAML, ``extends`` is broken or cyclic, or a key
+            is unknown or mistyped; the message names the key and the file that sets it.
     """
     path = profile_path(profile)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a profile must be a mapping of keys to values")
+    data, files = read_profile(path)
     data = copy.deepcopy(data)
     overridden = set()
     for item in overrides or []:
@@ -444,6 +517,24 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
         for err in exc.errors():
             key = ".".join(str(x) for x in err["loc"])
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            origin = " (from --set)" if key in overridden else ""
+            origin = " (from --set)" if key in overridden else _origin(files, err["loc"])
             problems.append(f"{key}{origin}: {msg}")
-        raise ConfigError(f"{path}: invalid configuration: " + "; ".join(problems)) from None
+        where = str(path) if len(files) == 1 else \
+            f"{path} (extends {' -> '.join(str(f) for f in files[1:])})"
+        raise ConfigError(f"{where}: invalid configuration: " + "; ".join(problems)) from None
+
+
+def _origin(files: list[Path], loc: tuple) -> str:
+    """`` (in FILE)`` for the first file of an extends chain (child first) that sets ``loc``;
+    empty for a single-file profile or a key no file sets."""
+    if len(files) < 2:
+        return ""
+    for f in files:
+        node: Any = _read_yaml(f)
+        for part in loc:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return f" (in {f})"
+    return ""

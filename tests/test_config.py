@@ -35,3 +35,99 @@ def test_missing_profile_and_bad_yaml(tmp_path):
     p.write_text("a: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(p))
+
+
+# ----------------------------------------------------------------------------- extends
+
+FLAT = __import__("pathlib").Path(__file__).parent / "data" / "flat_profiles"
+
+
+@pytest.mark.parametrize("name", ["databricks", "emr"])
+def test_cluster_profiles_resolve_to_their_flat_versions(name):
+    """databricks/emr extend conf/_cluster.yaml; resolved, every key equals the flat profile kept in
+    tests/data/flat_profiles (the pre-inheritance file; update it with any intended change)."""
+    inherited = load_config(name)
+    flat = load_config(str(FLAT / f"{name}.yaml"))
+    assert inherited.model_dump(exclude={"source_file"}) == flat.model_dump(exclude={"source_file"})
+    assert inherited.profile == name
+
+
+def test_cluster_profiles_keep_their_differences():
+    dbx, emr = load_config("databricks"), load_config("emr")
+    assert (dbx.catalog.catalog, emr.catalog.catalog) == ("main", None)
+    assert dbx.spark.conf["spark.sql.shuffle.partitions"] == "auto"
+    assert emr.spark.conf["spark.sql.shuffle.partitions"] == "200"
+    assert "spark.sql.extensions" not in dbx.spark.conf
+    assert dbx.index.path == "/Volumes/main/finelake/lake/_index" and emr.index.path is None
+    assert (dbx.train.mlflow.registry_uri, emr.train.mlflow.registry_uri) == ("databricks-uc", None)
+    # shared values come from the base
+    assert dbx.models.generator == emr.models.generator
+    assert dbx.spark.conf["spark.task.resource.gpu.amount"] == emr.spark.conf["spark.task.resource.gpu.amount"] == "1"
+
+
+def test_cluster_sim_overrides_only_the_laptop_parts():
+    dbx, sim = load_config("databricks"), load_config("cluster-sim")
+    assert sim.profile == "cluster-sim"
+    assert sim.spark.master.startswith("spark://") and sim.catalog.catalog is None
+    assert sim.spark.delta == dbx.spark.delta == "delta-spark"
+    for role in ("generator", "embedder", "judge"):
+        assert getattr(sim.models, role).backend == getattr(dbx.models, role).backend
+        assert getattr(sim.models, role).model.startswith("embedded:")
+    assert sim.models.judge.options["inner_backend"] == "vllm"
+    assert sim.genericize.model.backend == "vllm"
+    assert sim.models.generator.options["dtype"] == "float32"
+    assert (sim.genericize.mode, sim.instantiate.mode) == ("decomposed", "decomposed")
+    assert sim.index.path is None and not sim.lake.startswith(("dbfs:", "s3:"))
+    # untouched keys inherited from databricks
+    assert sim.models.generator.options["tensor_parallel_size"] == 1
+    assert sim.models.generator.options["enable_prefix_caching"] is True
+    assert sim.train.lora == dbx.train.lora
+
+
+def test_shared_bases_are_not_listed_as_profiles():
+    names = available_profiles()
+    assert "cluster-sim" in names and not any(n.startswith("_") for n in names)
+
+
+def test_extends_merges_deeply_relative_and_packaged(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "extends: local\nmatch:\n  chunks: 3\nspark:\n  conf:\n    spark.x: 'a'\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base\nmatch:\n  sigma: 0.2\nspark:\n  conf:\n    spark.y: 'b'\n"
+                     "run:\n  max_queries: null\n")
+    cfg = load_config(str(child))
+    local = load_config("local")
+    assert (cfg.match.chunks, cfg.match.sigma) == (3, 0.2)          # both levels kept
+    assert cfg.spark.conf["spark.x"] == "a" and cfg.spark.conf["spark.y"] == "b"
+    assert cfg.spark.conf["spark.driver.memory"] == local.spark.conf["spark.driver.memory"]
+    assert cfg.run.max_queries is None and local.run.max_queries == 300   # null replaces
+    assert cfg.models == local.models
+
+
+def test_extends_lists_replace(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("extends: local\ncompare:\n  runs: ['pairs:lora']\n")
+    assert load_config(str(p)).compare.runs == ["pairs:lora"]
+
+
+def test_extends_cycle_and_missing_parent_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(ConfigError, match="extends: cycle") as e:
+        load_config(str(tmp_path / "a.yaml"))
+    assert "a.yaml" in str(e.value) and "b.yaml" in str(e.value)
+    (tmp_path / "c.yaml").write_text("extends: no-such-parent\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: extends: 'no-such-parent'"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("extends: [local]\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml: extends:"):
+        load_config(str(tmp_path / "d.yaml"))
+
+
+def test_unknown_key_in_a_parent_names_the_parent(tmp_path):
+    (tmp_path / "parent.yaml").write_text("extends: local\nmatch:\n  chunkz: 3\n")
+    (tmp_path / "child.yaml").write_text("extends: parent\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path / "child.yaml"))
+    msg = str(e.value)
+    assert "match.chunkz (in " in msg and str(tmp_path / "parent.yaml") in msg and "unknown key" in msg
