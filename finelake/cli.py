@@ -272,6 +272,37 @@ def delta_jars(force, check, as_list):
     click.echo(f"{len(jars)} Delta jars ({dj.COORDINATES}) in {dj.jars_dir()}")
 
 
+@cli.command("emr-steps")
+@click.option("--conf", "profile", default="emr", show_default=True,
+              help="Profile the steps run with (a packaged name, or a path on the primary node).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value in every step (repeatable).")
+@click.option("--lake", default=None, help="Lake root URI for every step (default: the profile's).")
+@click.option("--run-id", default=None, help="Run id of every step (default: new).")
+@click.option("--wheel", default=None, metavar="S3_URI",
+              help="finelake wheel to put first on --py-files (the bootstrap action installs one).")
+@click.option("--queries", default=None, help="Ingest's queries input (URI the cluster reads).")
+@click.option("--documents", default=None, help="Ingest's documents input (URI the cluster reads).")
+@_apply(_limits)
+def emr_steps(profile, overrides, lake, run_id, wheel, queries, documents, max_queries,
+              max_documents):
+    """Print one pipeline run as EMR steps: the JSON for `aws emr add-steps --steps file://...`."""
+    import json
+
+    from finelake import deploy
+    from finelake.runtime import new_run_id
+
+    try:
+        cfg = load_config(profile, list(overrides), lake=lake)
+        steps = deploy.emr_steps(cfg, profile=profile, run_id=run_id or new_run_id(), wheel=wheel,
+                                 lake=lake, overrides=overrides, queries=queries,
+                                 documents=documents, max_queries=max_queries,
+                                 max_documents=max_documents)
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    click.echo(json.dumps(steps, indent=2))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``finelake`` console script and of ``jobs/*.py`` under spark-submit."""
     cli.main(args=argv, prog_name="finelake", standalone_mode=True)
