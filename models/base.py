@@ -11,9 +11,12 @@ same name raises ``ValueError``. Configuration chooses a backend by that name
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -60,6 +63,71 @@ class GenerationResult:
     request_id: Optional[str] = None
 
 
+class OptionError(ValueError):
+    """A backend option is unknown or has the wrong type.
+
+    Attributes:
+        key: the option's name (dotted for nested ones, e.g. ``engine_args.max_num_seqs``).
+        backend: the backend's registered name.
+        detail: what is wrong with it.
+    """
+
+    def __init__(self, backend: str, key: str, message: str):
+        super().__init__(f"{backend} backend: option {key!r}: {message}")
+        self.backend = backend
+        self.key = key
+        self.detail = message
+
+
+def unknown_option(backend: str, key: str, known: Iterable[str]) -> OptionError:
+    """The :class:`OptionError` for an unknown option, with the closest known names suggested."""
+    close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.7)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return OptionError(backend, key, f"unknown option{hint}")
+
+
+def check_signature_options(cls: type, options: Mapping[str, Any], *,
+                            exclude: Iterable[str] = ("self", "model")) -> dict[str, Any]:
+    """Validate backend ``options`` against the keyword parameters of ``cls.__init__``.
+
+    A name that is not a parameter (``**kwargs`` catch-alls do not count) is unknown; a value is
+    checked against the parameter's annotation with pydantic (lax mode: ``"1"`` passes as an int,
+    ``"x"`` does not). Nothing is imported or loaded beyond ``cls`` itself.
+
+    Args:
+        cls: the backend class.
+        options: option name -> value, as in a profile's ``options:``.
+        exclude: parameters that are not options.
+
+    Returns:
+        The options with each value converted to its annotated type.
+
+    Raises:
+        OptionError: an unknown option (closest names suggested) or a value of the wrong type;
+            ``.key`` names it.
+    """
+    from pydantic import TypeAdapter, ValidationError
+
+    backend = getattr(cls, "name", cls.__name__)
+    params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n not in exclude and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: names are still checked
+        hints = {}
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in params:
+            raise unknown_option(backend, key, params)
+        hint = hints.get(key, Any)
+        try:
+            out[key] = TypeAdapter(hint).validate_python(value)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"] if exc.errors() else str(exc)
+            raise OptionError(backend, key, f"{value!r}: {msg}") from None
+    return out
+
+
 class GenerationBackend(ABC):
     """A text generator. Subclasses load their model in ``__init__`` (once per worker)."""
 
@@ -68,6 +136,23 @@ class GenerationBackend(ABC):
     def __init__(self, model: str, **options: Any):
         self.model_id = model
         self.options = options
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Check a profile's ``options:`` for this backend on the driver, without loading a model
+        or importing the backend's engine.
+
+        The default compares names and types with ``__init__``'s keyword parameters
+        (:func:`check_signature_options`); backends that pass options through to an engine
+        override it.
+
+        Returns:
+            The options, values converted to their declared types.
+
+        Raises:
+            OptionError: unknown option or wrong type (``.key`` names it).
+        """
+        return check_signature_options(cls, options)
 
     @abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -86,6 +171,16 @@ class EmbeddingBackend(ABC):
     def __init__(self, model: str, **options: Any):
         self.model_id = model
         self.options = options
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Check ``options`` on the driver without loading the model: names and types against
+        ``__init__``'s keyword parameters (:func:`check_signature_options`).
+
+        Raises:
+            OptionError: unknown option or wrong type (``.key`` names it).
+        """
+        return check_signature_options(cls, options)
 
     @abstractmethod
     def embed(self, texts: list[str]) -> np.ndarray:

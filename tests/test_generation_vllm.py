@@ -155,8 +155,22 @@ def test_unknown_option_and_missing_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ImportError, match="pip install"):
         create_generator({"backend": "vllm", "model": "m"})
-    with pytest.raises(ValueError, match="unknown options"):
+    with pytest.raises(ValueError, match="'n_gpu': unknown option"):
         create_generator({"backend": "vllm", "model": "m", "options": {"n_gpu": 1}})
+
+
+def test_engine_args_field_names_go_to_the_engine(fake_vllm):
+    """The cluster profiles' enable_prefix_caching (a vllm.EngineArgs field) reaches vllm.LLM
+    instead of failing every executor."""
+    _, engines = fake_vllm
+    create_generator({"backend": "vllm", "model": "m", "options": {
+        "enable_prefix_caching": False, "max_num_batched_tokens": 8192}})
+    (eng,) = engines
+    assert eng.kwargs["enable_prefix_caching"] is False
+    assert eng.kwargs["max_num_batched_tokens"] == 8192
+    with pytest.raises(ValueError, match="did you mean max_num_batched_tokens"):
+        create_generator({"backend": "vllm", "model": "m",
+                          "options": {"max_num_batched_token": 8192}})
 
 
 # ----------------------------------------------------------------------------- the real engine
