@@ -1,22 +1,34 @@
 """Judges: score an (instruction, answer) pair 1-5 with the §3.4 rubric.
 
-* ``llm`` — a generative judge (Flow Judge on clusters) prompted with the rubric through any
-  generation backend (``options.inner_backend``: vllm, transformers, llama_cpp, openai), its reply
-  parsed by :func:`finelake.method.judging.parse_judge_output`.
+* ``llm`` — a generative judge through any generation backend (``options.inner_backend``: vllm,
+  transformers, llama_cpp, openai). With ``options.format: flow_judge`` (the default) it is spoken
+  to as Flow Judge (``flowaicom/Flow-Judge-v0.1``, the paper's judge) was trained:
+  :func:`finelake.method.judging.flow_judge_prompt` in, ``<feedback>…</feedback><score>N</score>``
+  out, read by :func:`finelake.method.judging.parse_flow_judge_output`, with no grammar forced on
+  it. ``options.constrained: true`` enforces that reply format with a regular expression
+  (:func:`finelake.method.judging.flow_judge_regex`), for models too small to keep to it
+  (``conf/cluster-sim.yaml``'s SmolLM2-135M). ``format: json`` is the JSON-reply prompt
+  (:func:`finelake.method.judging.judge_prompt`), under a JSON schema unless ``constrained:
+  false``, for general chat models as judges.
 * ``relevance`` — for the embedded profile, where SmolLM2-135M judging under a one-digit grammar
   is noise: the cosine between instruction and answer under a sentence embedding model, mapped to
   1-5 by :func:`finelake.method.judging.relevance_to_likert`. It measures topical relevance only,
-  not helpfulness; its reason says so.
+  not helpfulness; its reason says so. Options: ``embedder_backend`` (default
+  ``sentence_transformers``), ``cuts`` (four increasing cosines), the embedder's own options.
+
+A reply without a valid score gives ``(None, "judge_error: …")``: the pair is an error row with
+the reason in ``judgments``, never dropped silently.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import math
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from finelake.method import judging
-from finelake.models.base import GenerationRequest
+from finelake.models.base import GenerationRequest, OptionError
 
 JUDGE_SCHEMA = {
     "type": "object",
@@ -24,6 +36,11 @@ JUDGE_SCHEMA = {
                    "reason": {"type": "string", "maxLength": 300}},
     "required": ["score", "reason"],
 }
+
+JUDGE_FORMATS = ("flow_judge", "json")
+"""Prompt and reply formats of the ``llm`` judge."""
+
+_TAGS_TOKENS = 24  # tokens left for "<feedback>", "</feedback>", "<score>N</score>" under the regex
 
 
 class RelevanceJudge:
@@ -49,32 +66,75 @@ class RelevanceJudge:
 
 
 class LLMJudge:
-    """A generative judge prompted with the rubric; replies parsed, unparseable ones get None."""
+    """A generative judge: Flow Judge's prompt and reply format by default (see the module doc).
+
+    Args:
+        generator: a loaded :class:`~finelake.models.base.GenerationBackend`.
+        max_tokens: reply limit in tokens (Flow Judge's feedback runs to a few hundred).
+        format: ``flow_judge`` or ``json``.
+        constrained: force the reply format (``flow_judge``: a regex; ``json``: a JSON schema);
+            default off for ``flow_judge``, on for ``json``.
+
+    Raises:
+        ValueError: unknown format, or ``max_tokens`` too small to hold a constrained reply.
+    """
 
     name = "llm"
 
-    def __init__(self, generator, max_tokens: int = 256, constrained: bool = True):
+    def __init__(self, generator, max_tokens: int = 512, format: str = "flow_judge",
+                 constrained: Optional[bool] = None):
+        if format not in JUDGE_FORMATS:
+            raise ValueError(f"llm judge: format must be one of {JUDGE_FORMATS}, not {format!r}")
         self.generator = generator
-        self.max_tokens = max_tokens
-        self.constrained = constrained
+        self.max_tokens = int(max_tokens)
+        self.format = format
+        self.constrained = (format == "json") if constrained is None else bool(constrained)
+        if self.format == "flow_judge" and self.constrained and self.max_tokens <= _TAGS_TOKENS:
+            raise ValueError(f"llm judge: max_tokens {self.max_tokens} leaves no room for feedback "
+                             f"under the Flow Judge regex (needs > {_TAGS_TOKENS})")
         self.model_id = f"llm:{generator.model_id}"
 
+    def request(self, instruction: str, answer: str) -> GenerationRequest:
+        """The generation request for one pair (one user message, as flow-judge sends it)."""
+        if self.format == "flow_judge":
+            regex = (judging.flow_judge_regex(self.max_tokens - _TAGS_TOKENS)
+                     if self.constrained else None)
+            return GenerationRequest([{"role": "user",
+                                       "content": judging.flow_judge_prompt(instruction, answer)}],
+                                     max_tokens=self.max_tokens, temperature=0.0, regex=regex)
+        return GenerationRequest([{"role": "user", "content": judging.judge_prompt(instruction, answer)}],
+                                 max_tokens=self.max_tokens, temperature=0.0,
+                                 json_schema=JUDGE_SCHEMA if self.constrained else None)
+
+    def parse(self, text: Optional[str]) -> tuple[Optional[int], str]:
+        """``(score 1-5, reason)`` or ``(None, "judge_error: …")`` for one reply."""
+        if self.format == "flow_judge":
+            return judging.parse_flow_judge_output(text)
+        score, reason = judging.parse_judge_output(text)
+        return (score, reason) if score is not None else (None, f"judge_error: {reason}")
+
     def score(self, instructions: list[str], answers: list[str]) -> list[tuple[Optional[int], str]]:
-        reqs = [GenerationRequest([{"role": "user", "content": judging.judge_prompt(i, a)}],
-                                  max_tokens=self.max_tokens, temperature=0.0,
-                                  json_schema=JUDGE_SCHEMA if self.constrained else None)
-                for i, a in zip(instructions, answers)]
+        """One ``(score, reason)`` per pair, in order; a failed request or a reply without a valid
+        score gives ``(None, "judge_error: …")`` (a cut reply says it hit ``max_tokens``)."""
+        reqs = [self.request(i, a) for i, a in zip(instructions, answers)]
         out = []
         for r in self.generator.generate(reqs):
             if r.error:
                 out.append((None, f"judge_error: {r.error}"))
-            else:
-                out.append(judging.parse_judge_output(r.text))
+                continue
+            score, reason = self.parse(r.text)
+            if score is None and r.finish_reason == "length":
+                reason += f" (reply cut at max_tokens={self.max_tokens})"
+            out.append((score, reason))
         return out
 
 
-def create_judge(spec: dict[str, Any]):
-    """Build the judge for a ``models.judge`` config dict.
+def judge_parts(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Split a ``models.judge`` spec into ``(kind, inner model spec, judge settings)``.
+
+    ``kind`` is ``relevance`` (inner: an embedder spec; settings: ``cuts``) or ``llm`` (inner: a
+    generator spec; settings: ``inner_backend``, ``format``, ``constrained``); the inner spec
+    carries the remaining options.
 
     Raises:
         ValueError: unknown judge backend.
@@ -82,16 +142,67 @@ def create_judge(spec: dict[str, Any]):
     backend = spec["backend"]
     opts = dict(spec.get("options") or {})
     if backend == "relevance":
+        settings = {"embedder_backend": opts.pop("embedder_backend", "sentence_transformers"),
+                    "cuts": opts.pop("cuts", None)}
+        return "relevance", {**spec, "backend": settings["embedder_backend"], "options": opts}, settings
+    if backend == "llm":
+        settings = {"inner_backend": opts.pop("inner_backend", "vllm"),
+                    "format": opts.pop("format", "flow_judge"),
+                    "constrained": opts.pop("constrained", None)}
+        return "llm", {**spec, "backend": settings["inner_backend"], "options": opts}, settings
+    raise ValueError(f"unknown judge backend {backend!r}; use 'relevance' or 'llm'")
+
+
+def check_judge_options(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a ``models.judge`` spec on the driver without loading a model.
+
+    The judge's own options (``format``, ``constrained``, ``cuts``...) are checked here, the rest
+    by the inner backend's ``check_options``.
+
+    Returns:
+        ``{"judge": kind, **settings, "backend": inner backend, "options": checked options}``.
+
+    Raises:
+        ValueError: unknown judge backend or inner backend.
+        OptionError: a bad option (``.key`` names it).
+    """
+    kind, inner, settings = judge_parts(spec)
+    if kind == "llm":
+        from finelake.models.generation import backend_class
+
+        if settings["format"] not in JUDGE_FORMATS:
+            raise OptionError("llm", "format", f"{settings['format']!r}: must be one of {JUDGE_FORMATS}")
+        if settings["constrained"] is not None and not isinstance(settings["constrained"], bool):
+            raise OptionError("llm", "constrained", f"{settings['constrained']!r}: must be true or false")
+        cls = backend_class(inner["backend"])
+    else:
+        from finelake.models.base import get_embedder_class
+        from finelake.models.embedding import SentenceTransformersEmbedder  # noqa: F401 (registers)
+
+        cuts = settings["cuts"]
+        if cuts is not None:
+            ok = (isinstance(cuts, (list, tuple)) and len(cuts) == 4
+                  and all(isinstance(c, (int, float)) and math.isfinite(c) for c in cuts)
+                  and all(b > a for a, b in zip(cuts, cuts[1:])))
+            if not ok:
+                raise OptionError("relevance", "cuts", f"{cuts!r}: must be 4 increasing numbers")
+        cls = get_embedder_class(inner["backend"])
+    checked = cls.check_options(inner.get("options") or {})
+    return {"judge": kind, **settings, "backend": inner["backend"], "options": checked}
+
+
+def create_judge(spec: dict[str, Any]):
+    """Build the judge for a ``models.judge`` config dict (see the module docstring).
+
+    Raises:
+        ValueError: unknown judge backend or format.
+    """
+    kind, inner, settings = judge_parts(spec)
+    if kind == "relevance":
         from finelake.models.embedding import create_embedder
 
-        emb = create_embedder({**spec, "backend": opts.pop("embedder_backend", "sentence_transformers"),
-                               "options": {k: v for k, v in opts.items() if k != "cuts"}})
-        return RelevanceJudge(emb, opts.get("cuts"))
-    if backend == "llm":
-        from finelake.models.generation import create_generator
+        return RelevanceJudge(create_embedder(inner), settings["cuts"])
+    from finelake.models.generation import create_generator
 
-        inner = opts.pop("inner_backend", "vllm")
-        constrained = bool(opts.pop("constrained", True))
-        gen = create_generator({**spec, "backend": inner, "options": opts})
-        return LLMJudge(gen, max_tokens=spec.get("max_tokens", 256), constrained=constrained)
-    raise ValueError(f"unknown judge backend {backend!r}; use 'relevance' or 'llm'")
+    return LLMJudge(create_generator(inner), max_tokens=spec.get("max_tokens", 512),
+                    format=settings["format"], constrained=settings["constrained"])

@@ -5,6 +5,12 @@ off-topic) to 5 (addresses the query without extraneous, vague or repetitive con
 pairs scoring >= 4. Only the two ends of the rubric are in the paper; levels 2-4 here are
 written to interpolate between them.
 
+Flow Judge is spoken to in its own format (:func:`flow_judge_prompt`, the prompt it was trained on:
+``# GOAL``, ``# INPUT`` with ``<inputs>``, ``# OUTPUT`` with ``<output>``, ``# EVALUATION CRITERIA
+AND SCORING RUBRIC``, its evaluation instructions) and its ``<feedback>…</feedback><score>N</score>``
+reply is read by :func:`parse_flow_judge_output`. Other generative judges may use the JSON-reply
+prompt (:func:`judge_prompt`, :func:`parse_judge_output`).
+
 On the embedded profile no small generative model judges reliably, so an embedding relevance
 model (cosine between instruction and answer) stands in, mapped onto the same scale by
 :func:`relevance_to_likert`.
@@ -45,6 +51,153 @@ Score the answer on this 5-point scale:
 >>>
 
 Reply with JSON only: {{"score": <1-5>, "reason": "<one sentence>"}}"""
+
+
+# ----------------------------------------------------------------------------- Flow Judge format
+
+#: The §3.4 criterion, as Flow Judge's ``<evaluation_criteria>``: the two ends of the paper's rubric
+#: (1 irrelevant or off-topic, 5 addresses the query without extraneous, vague or repetitive
+#: content) are the two questions it asks.
+FLOW_JUDGE_CRITERIA = ("Does the response address the query? Is it relevant and on-topic, and "
+                       "does it answer what the query asks without extraneous, vague or "
+                       "repetitive content?")
+
+# Flow Judge's user prompt, reproduced from the flow-judge package (flowaicom/flow-judge, Apache-2.0;
+# release 0.1.2, flow_judge/utils/prompt_formatter.py: USER_PROMPT_TEMPLATE), the prompt
+# flowaicom/Flow-Judge-v0.1 was trained on. Kept character for character (the missing space in
+# "criterion,decide" included): the model answers in its trained format only on this prompt.
+FLOW_JUDGE_TEMPLATE = """# GOAL
+Your job is to evaluate a task carried out by an AI system powered by a large \
+language model.
+
+You will be provided with the inputs and output of the task, as well as the evaluation criteria \
+and scoring rubric. Your task is to evaluate the output of the AI system based on the evaluation \
+criteria and scoring rubric provided.
+
+# INPUT
+Below are the inputs required for performing the task:
+<inputs>
+{INPUTS}
+</inputs>
+
+# OUTPUT
+Below is the output of the task:
+<output>
+{OUTPUT}
+</output>
+
+# EVALUATION CRITERIA AND SCORING RUBRIC
+Here are the evaluation criteria and the rubric that you need to use for evaluating the task:
+<evaluation_criteria>
+{EVALUATION_CRITERIA}
+</evaluation_criteria>
+
+<scoring_rubric>
+{RUBRIC}
+</scoring_rubric>
+
+# INSTRUCTIONS FOR THE EVALUATION
+1. Understand the task and criteria: Familiarize yourself with the task to be evaluated. \
+Review the evaluation criteria and scoring rubric to understand the different levels of \
+performance and the descriptions for each score.
+2. Review the inputs and output: Look at the inputs provided for the task. Examine the output \
+generated from completing the task.
+3. Compare output to score descriptions: Compare the output against the criteria and score \
+descriptions in the scoring rubric. For each criterion,decide which description best matches the \
+output.
+4. After comparing the output to the score descriptions, pay attention to the small details that \
+might impact the final score that you assign. Sometimes a small difference can dictate the final \
+score.
+5. Write verbal feedback justifying your evaluation that includes a detailed rationale, referring \
+to specific aspects of the output and comparing them to the rubric.
+6. Assign a final score based on the scoring rubric.
+
+## FORMAT FOR THE EVALUATION
+- Write the verbal feedback inside <feedback> tags without any additional surrounding text.
+- Write the numeric score inside <score> tags, without any additional surrounding text and always \
+after the feedback.
+
+Please accurately evaluate the task. Strictly adhere to the evaluation criteria and rubric."""
+
+
+def flow_judge_vars(variables: list[dict[str, str]]) -> str:
+    """Flow Judge's variable block (flow-judge ``format_vars``): each ``{name: value}`` becomes
+    ``<name>\nvalue\n</name>``, the tag lower-cased with spaces as underscores; one per line."""
+    out = []
+    for var in variables:
+        for key, value in var.items():
+            tag = key.lower().replace(" ", "_")
+            out.append(f"<{tag}>\n{value}\n</{tag}>")
+    return "\n".join(out)
+
+
+def flow_judge_rubric(levels: dict[int, str]) -> str:
+    """Flow Judge's rubric block (flow-judge ``format_rubric``): ``- Score k: description``,
+    lowest score first."""
+    return "\n".join(f"- Score {k}: {v}" for k, v in sorted(levels.items()))
+
+
+def flow_judge_prompt(instruction: str, answer: str, *, criteria: str = FLOW_JUDGE_CRITERIA,
+                      levels: Optional[dict[int, str]] = None) -> str:
+    """The Flow Judge prompt for one pair (§3.4): the instruction as the task's ``<query>`` input,
+    the answer as its ``<response>`` output, the paper's 1-5 rubric (:data:`RUBRIC_LEVELS`).
+
+    Sent as the only (user) message, stripped, as the flow-judge package sends it. The reply is
+    read by :func:`parse_flow_judge_output`.
+    """
+    return FLOW_JUDGE_TEMPLATE.format(
+        INPUTS=flow_judge_vars([{"query": instruction}]),
+        OUTPUT=flow_judge_vars([{"response": answer}]),
+        EVALUATION_CRITERIA=criteria,
+        RUBRIC=flow_judge_rubric(levels or RUBRIC_LEVELS)).strip()
+
+
+def flow_judge_regex(max_feedback_chars: int = 1000) -> str:
+    """A regular expression for Flow Judge's reply format, for judges too small to keep to it
+    unprompted (``options.constrained`` of the ``llm`` judge; Flow Judge itself runs without it):
+    ``<feedback>`` with 1..``max_feedback_chars`` characters other than ``<``, then
+    ``<score>1``-``5</score>``.
+
+    Raises:
+        ValueError: ``max_feedback_chars`` < 1.
+    """
+    if max_feedback_chars < 1:
+        raise ValueError(f"max_feedback_chars must be >= 1, not {max_feedback_chars}")
+    return rf"<feedback>[^<]{{1,{int(max_feedback_chars)}}}</feedback>\s?<score>[1-5]</score>"
+
+
+_FLOW_SCORE_RE = re.compile(r"<score>\s*([^<]*?)\s*</score>", re.IGNORECASE | re.DOTALL)
+_FLOW_FEEDBACK_RE = re.compile(r"<feedback>\s*(.*?)\s*</feedback>", re.IGNORECASE | re.DOTALL)
+
+
+def parse_flow_judge_output(text: Optional[str]) -> tuple[Optional[int], str]:
+    """Read a Flow Judge reply, ``<feedback>…</feedback>`` then ``<score>N</score>`` (§3.4).
+
+    The first ``<score>`` tag must hold an integer 1..5 (surrounding whitespace allowed); the
+    reason is the ``<feedback>`` text (flow-judge's own ``EvalOutput.parse`` reads the same two
+    tags).
+
+    Returns:
+        ``(score, feedback)`` for a valid reply; a reply with a score but no ``<feedback>``
+        gets ``(score, "(no <feedback> in the reply)")``. ``(None, "judge_error: <why>: <start
+        of the reply>")`` when the reply is empty, has no ``<score>`` tag (a reply cut by
+        ``max_tokens`` before it, free text), or its score is not an integer in 1..5; the pair
+        is then an error row with that reason, never dropped silently. Never raises.
+    """
+    if not text or not text.strip():
+        return None, "judge_error: empty judge reply"
+    head = repr(text.strip()[:120])
+    m = _FLOW_SCORE_RE.search(text)
+    if not m:
+        return None, f"judge_error: no <score>N</score> in the reply: {head}"
+    raw = m.group(1)
+    if not raw.isdigit() or not 1 <= int(raw) <= 5:
+        return None, f"judge_error: score {raw!r} is not an integer in 1-5: {head}"
+    fb = _FLOW_FEEDBACK_RE.search(text[:m.start()]) or _FLOW_FEEDBACK_RE.search(text)
+    return int(raw), fb.group(1) if fb else "(no <feedback> in the reply)"
+
+
+# ----------------------------------------------------------------------------- JSON-reply format
 
 
 def judge_prompt(instruction: str, answer: str) -> str:
