@@ -99,7 +99,8 @@ setup(
         "click>=8.1",
         "tqdm>=4.66",
         "tenacity>=8.2",
-        "httpx>=0.27",
+        # The openai backend (models/openai_backend.py): the official SDK, retries included.
+        "openai>=2.25,<4",
         "numpy>=1.26",
         "pandas>=2.2,<3",  # PySpark 4 does not support pandas 3 (see ENVIRONMENT notes in README)
         "pyarrow>=15,<26",  # mlflow 3.17.2 pins pyarrow<26

