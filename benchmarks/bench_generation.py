@@ -52,6 +52,20 @@ FLOP_PER_TOKEN = 270e6
 SYSTEM = "You are a helpful assistant. Answer the user's request briefly."
 
 
+def llama_build() -> str:
+    """Which llama.cpp library the workers import and the instruction sets it was compiled with
+    (``llama_print_system_info``): the portable baseline or a native build (PYTHONPATH chooses)."""
+    import llama_cpp
+
+    from finelake.cpu import llama_cpp_system_info, native_features
+
+    info = llama_cpp_system_info()
+    native = native_features(info)
+    kind = f"native ({', '.join(native)})" if native else "portable x86-64-v3 baseline"
+    flags = " ".join(k for k, v in info.items() if v == "1")
+    return f"{kind}; {flags}; from {Path(llama_cpp.__file__).parent}"
+
+
 # ----------------------------------------------------------------------------- prompts
 
 
@@ -323,6 +337,7 @@ def main() -> None:
           f"{peak_after:.1f} after; reference {ref:.1f}")
     print(f"Model: {MODEL} (GGUF Q4_1 for llama.cpp; fp32 safetensors for transformers); "
           f"{FLOP_PER_TOKEN / 1e6:.0f} MFLOP per generated token; greedy, max_tokens {mt}")
+    print(f"llama.cpp build: {llama_build()}")
     print()
     print("| configuration | rows | gen tokens | wall s | rows/s | gen tok/s | tok/CPU-s "
           "| peak RSS MB | fraction of fp32 matmul |")

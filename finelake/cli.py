@@ -40,8 +40,14 @@ def _common(f: Callable) -> Callable:
     def wrapper(profile, overrides, lake, run_id, verbose, **kwargs):
         logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("py4j", "httpx", "urllib3", "filelock", "numba"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        for noisy in ("py4j", "httpx", "urllib3", "filelock", "numba", "faiss", "faiss.loader",
+                      "sentence_transformers", "transformers", "httpcore", "openai"):
+            logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+        if not verbose:
+            # Model loaders' progress bars and info lines, on the driver and (inherited by local
+            # Spark's workers) on the executors: one stage progress line is what the user reads.
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
@@ -77,8 +83,8 @@ _limits = [
     click.option("--max-documents", type=int, default=None, help="Process at most N documents."),
 ]
 _inputs = [
-    click.option("--queries", type=str, default=None, help="Queries: JSONL/Parquet/CSV/text folder/Delta (default: the shipped sample)."),
-    click.option("--documents", type=str, default=None, help="Documents: JSONL/Parquet/CSV/text folder/Delta (default: the shipped sample)."),
+    click.option("--queries", type=str, default=None, help="Queries: JSONL/Parquet/CSV/text folder/Delta."),
+    click.option("--documents", type=str, default=None, help="Documents: JSONL/Parquet/CSV/text folder/Delta."),
 ]
 
 _fields = [
@@ -109,7 +115,9 @@ def cli() -> None:
 @_apply(_inputs + _fields)
 @_common
 def ingest(ctx, queries, documents, query_field, text_field, id_field, source_field):
-    """Ingest queries and documents into Delta (normalize, dedup, decontaminate, quarantine)."""
+    """Ingest queries and/or documents into Delta (normalize, dedup, decontaminate, quarantine).
+
+    Only the inputs named are read."""
     from finelake.jobs.ingest import run_ingest
 
     _print_stats(run_ingest(ctx, queries=queries, documents=documents, query_field=query_field,
@@ -153,7 +161,10 @@ def continue_cmd(ctx, max_documents):
 @_common
 def run(ctx, queries, documents, query_field, text_field, id_field, source_field, max_queries,
         max_documents):
-    """Run the whole pipeline: ingest, genericize, index, match, instantiate, judge, budget, report."""
+    """Run the whole pipeline: ingest, genericize, index, match, instantiate, judge, budget, report.
+
+    With neither --queries nor --documents, the inputs are the shipped sample; with one named,
+    only that one is ingested and the other table must already be in the lake."""
     from finelake.jobs.pipeline import run_pipeline
 
     run_pipeline(ctx, queries=queries, documents=documents, max_queries=max_queries,
@@ -249,6 +260,24 @@ def compare(ctx, out):
     click.echo(f"comparison written to {run_compare(ctx, out=out)}")
 
 
+@cli.command()
+@click.option("--skip", multiple=True, type=click.Choice(["spark", "models"]),
+              help="Leave out a group of checks (repeatable).")
+@_common
+def doctor(ctx, skip):
+    """Check this machine for the profile: versions, CPU, llama.cpp build, Delta, models (one short
+    generation, one embedding). Exit 1 when a check fails; make setup ends with it."""
+    from finelake.doctor import run_doctor
+
+    checks = run_doctor(ctx.cfg, skip=tuple(skip))
+    for c in checks:
+        click.echo(c.line())
+    failed = [c.name for c in checks if c.ok is False]
+    if failed:
+        raise click.ClickException(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}")
+    click.echo(f"doctor: all checks passed for profile {ctx.cfg.profile}")
+
+
 @cli.command("delta-jars")
 @click.option("--force", is_flag=True, help="Resolve again even when a complete set is there.")
 @click.option("--check", is_flag=True, help="Only say where the jars are; exit 1 when they are missing.")
@@ -270,6 +299,32 @@ def delta_jars(force, check, as_list):
     except dj.DeltaJarsError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{len(jars)} Delta jars ({dj.COORDINATES}) in {dj.jars_dir()}")
+
+
+@cli.command()
+@click.option("--conf", "profile", default=lambda: os.environ.get("FINELAKE_PROFILE", "local"),
+              show_default="local", help="Profile: a YAML file or a packaged name.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value (repeatable).")
+@click.option("--lake", default=None, help="Lake root folder/URI (overrides the profile's lake).")
+@click.option("--print", "print_yaml", is_flag=True, help="Print the resolved profile as YAML.")
+def validate(profile, overrides, lake, print_yaml):
+    """Check a profile without loading any model: keys and types, every model's backend and
+    options, the Spark/GPU settings (against the running session when there is one). Exit 1
+    naming the bad key."""
+    from finelake.validate import resolved_yaml, run_validate
+
+    try:
+        cfg, lines, problems = run_validate(profile, list(overrides), lake=lake)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if print_yaml:
+        click.echo(resolved_yaml(cfg), nl=False)
+    for line in lines:
+        click.echo(line, err=print_yaml)
+    if problems:
+        raise click.ClickException(f"{cfg.source_file}: " + "; ".join(problems))
+    click.echo(f"validate: profile {cfg.profile} is valid", err=print_yaml)
 
 
 @cli.command("emr-steps")

@@ -152,7 +152,8 @@ class InstantiateConfig(_Strict):
 
 class JudgeConfig(_Strict):
     min_score: int = Field(4, ge=1, le=5)
-    prompt_version: str = "judge-v1"
+    prompt_version: str = Field("judge-v2", description="Recorded on judgments rows; v2: the llm "
+                                "judge speaks Flow Judge's own prompt and reply format.")
 
 
 class BudgetConfig(_Strict):
@@ -481,12 +482,15 @@ def _apply(data: dict, parts: list[str], value: Any) -> None:
 
 
 def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[str]] = None,
-                **fields: Any) -> FinelakeConfig:
+                check_models: bool = True, **fields: Any) -> FinelakeConfig:
     """Load and validate a profile.
 
     Args:
         profile: YAML path or packaged profile name.
         overrides: dotted ``key=value`` strings applied after the file.
+        check_models: also check every model's backend name and options on this (driver)
+            process without loading anything (:func:`finelake.validate.check_backends`), so a
+            misspelled option fails here, not on every executor.
         **fields: top-level values applied last when not None (e.g. ``lake="/tmp/lake"``).
 
     Returns:
@@ -495,8 +499,9 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
     The profile's ``extends`` chain is resolved first (:func:`read_profile`).
 
     Raises:
-        ConfigError: the file is missing or not YAML, ``extends`` is broken or cyclic, or a key
-            is unknown or mistyped; the message names the key and the file that sets it.
+        ConfigError: the file is missing or not YAML, ``extends`` is broken or cyclic, a key
+            is unknown or mistyped, or a model's backend or option is (with ``check_models``);
+            the message names the key and the file that sets it.
     """
     path = profile_path(profile)
     data, files = read_profile(path)
@@ -510,8 +515,10 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
         if v is not None:
             _apply(data, k.split("."), v)
     data["source_file"] = str(path)
+    where = str(path) if len(files) == 1 else \
+        f"{path} (extends {' -> '.join(str(f) for f in files[1:])})"
     try:
-        return FinelakeConfig.model_validate(data)
+        cfg = FinelakeConfig.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -519,9 +526,15 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             origin = " (from --set)" if key in overridden else _origin(files, err["loc"])
             problems.append(f"{key}{origin}: {msg}")
-        where = str(path) if len(files) == 1 else \
-            f"{path} (extends {' -> '.join(str(f) for f in files[1:])})"
         raise ConfigError(f"{where}: invalid configuration: " + "; ".join(problems)) from None
+    if check_models:
+        from finelake.validate import check_backends
+
+        try:
+            check_backends(cfg)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: invalid model settings: {exc}") from None
+    return cfg
 
 
 def _origin(files: list[Path], loc: tuple) -> str:

@@ -130,6 +130,21 @@ REQUANTIZE_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOST
 _ROW_BY_ROW_FTYPES = {3, 8, 9}
 
 
+def _llama_cpp():
+    """The ``llama_cpp`` module, after checking that this CPU has every instruction set the
+    library was compiled with (:func:`finelake.cpu.check_llama_cpp_cpu`).
+
+    Raises:
+        ImportError: llama-cpp-python is missing (the message has the pip line).
+        finelake.cpu.UnsupportedCPU: the build needs instruction sets this CPU lacks (named).
+    """
+    from finelake.cpu import check_llama_cpp_cpu
+
+    lc = require("llama_cpp", PIP_HINT, "llama_cpp")
+    check_llama_cpp_cpu()
+    return lc
+
+
 def requantized_gguf(src: str, qtype: str) -> str:
     """``src`` converted by llama.cpp (``llama_model_quantize``, requantizing allowed) to ``qtype``.
 
@@ -146,7 +161,7 @@ def requantized_gguf(src: str, qtype: str) -> str:
     """
     if qtype not in REQUANTIZE_TYPES:
         raise ValueError(f"requantize must be one of {sorted(REQUANTIZE_TYPES)}, not {qtype!r}")
-    lc = require("llama_cpp", PIP_HINT, "llama_cpp")
+    lc = _llama_cpp()
     from filelock import FileLock
 
     from finelake.models.resolve import cache_dir
@@ -230,7 +245,7 @@ class LlamaCppGenerator(GenerationBackend):
             raise ValueError(f"llama_cpp backend: mode must be 'batched' or 'simple', not {mode!r}")
         super().__init__(model, n_ctx=n_ctx, n_threads=n_threads, n_parallel=n_parallel,
                          n_batch=n_batch, mode=mode)
-        lc = require("llama_cpp", PIP_HINT, "llama_cpp")
+        lc = _llama_cpp()
         from llama_cpp import _internals, _logger
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 

@@ -1,0 +1,256 @@
+"""Driver-side checks of a profile: every model's backend settings, and the Spark settings against
+the running session (``finelake validate``).
+
+:func:`check_backends` runs inside :func:`finelake.config.load_config`, so every job checks its
+models' options on the driver before any executor builds a model: an unknown or misspelled option
+(``models.generator.options.enable_prefix_cachng``) or a value of the wrong type is a
+:class:`~finelake.config.ConfigError` naming the key and the profile file. Nothing is loaded:
+each backend class's ``check_options`` compares names and types (vLLM options against
+``vllm.EngineArgs``, :mod:`finelake.models.vllm_engine_args`).
+
+:func:`session_mismatches` compares the profile's ``spark.conf`` with a session that already
+runs (Databricks notebooks and jobs, ``spark-submit``): settings Spark fixes when the application
+starts (``spark.executor.cores``, ``spark.task.resource.gpu.amount``, ...) cannot be changed by
+the profile there and are silently ignored, so they must be the cluster's own settings.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from finelake.config import FinelakeConfig, ModelConfig
+
+#: Where each model of a profile is configured, and what kind of backend it names.
+MODEL_KEYS: tuple[tuple[str, str], ...] = (
+    ("models.generator", "generator"),
+    ("models.embedder", "embedder"),
+    ("models.judge", "judge"),
+    ("genericize.model", "generator"),
+    ("instantiate.model", "generator"),
+    ("continue.model", "generator"),
+    ("evaluate.judge", "generator"),
+)
+
+
+def model_configs(cfg: "FinelakeConfig") -> list[tuple[str, "ModelConfig", str]]:
+    """``(dotted key, model config, kind)`` for every model the profile sets (stage models that are
+    null fall back to ``models.generator`` and are left out)."""
+    out = []
+    for key, kind in MODEL_KEYS:
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, "continue_" if part == "continue" else part)
+        if node is not None:
+            out.append((key, node, kind))
+    return out
+
+
+def check_model(key: str, mc: "ModelConfig", kind: str) -> dict[str, Any]:
+    """Check one model's backend and options without loading it.
+
+    Args:
+        key: where it is configured (``models.generator``), for messages.
+        mc: its configuration.
+        kind: ``generator``, ``embedder`` or ``judge``.
+
+    Returns:
+        ``{"backend", "model", "options"}`` with the checked options (judges add their own
+        settings: ``judge``, ``format``, ...).
+
+    Raises:
+        ValueError: ``"<key>.backend: ..."`` for an unknown backend, ``"<key>.options.<name>:
+            ..."`` for a bad option (the message names it and suggests close names).
+    """
+    from finelake.models.base import OptionError
+
+    try:
+        if kind == "judge":
+            from finelake.models.judge import check_judge_options
+
+            settings = check_judge_options(mc.model_dump())
+            return {"model": mc.model, **settings}
+        if kind == "embedder":
+            from finelake.models.base import get_embedder_class
+            from finelake.models.embedding import SentenceTransformersEmbedder  # noqa: F401
+
+            cls = get_embedder_class(mc.backend)
+        else:
+            from finelake.models.generation import backend_class
+
+            cls = backend_class(mc.backend)
+        return {"backend": mc.backend, "model": mc.model, "options": cls.check_options(mc.options)}
+    except OptionError as exc:
+        raise ValueError(f"{key}.options.{exc.key}: {exc.detail} ({exc.backend} backend)") from None
+    except (ValueError, ImportError) as exc:
+        raise ValueError(f"{key}.backend: {exc}") from None
+
+
+def check_backends(cfg: "FinelakeConfig") -> dict[str, dict[str, Any]]:
+    """Check every model of the profile (:func:`check_model`); all problems are reported together.
+
+    Returns:
+        dotted key -> checked settings.
+
+    Raises:
+        ValueError: one or more bad backends or options, ``"; "``-separated, each naming its key.
+    """
+    out, problems = {}, []
+    for key, mc, kind in model_configs(cfg):
+        try:
+            out[key] = check_model(key, mc, kind)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
+
+
+def session_mismatches(cfg: "FinelakeConfig", spark) -> list[str]:
+    """Profile settings a running session does not have and cannot take at runtime.
+
+    For each ``spark.conf`` key of the profile that the session reports as not modifiable
+    (``spark.conf.isModifiable``: core settings such as ``spark.executor.cores``,
+    ``spark.task.resource.gpu.amount``, static SQL settings such as ``spark.sql.extensions``),
+    the session's value is compared with the profile's; so is ``spark.master`` when the profile
+    sets one. Runtime SQL settings are left out: :func:`finelake.spark.get_spark` applies them to
+    an existing session.
+
+    Args:
+        cfg: the profile.
+        spark: the running ``SparkSession``.
+
+    Returns:
+        One line per difference, ``"spark.conf.<key>: profile '<v>', running session '<v>'"``;
+        empty when the session matches.
+    """
+    def live(key: str) -> Optional[str]:
+        try:
+            v = spark.sparkContext.getConf().get(key)
+        except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext
+            v = None
+        if v is None:
+            try:
+                v = spark.conf.get(key, None)
+            except Exception:  # noqa: BLE001
+                v = None
+        return v
+
+    out = []
+    for key, want in sorted(cfg.spark.conf.items()):
+        try:
+            modifiable = bool(spark.conf.isModifiable(key))
+        except Exception:  # noqa: BLE001
+            modifiable = False
+        if modifiable:
+            continue
+        have = live(key)
+        if have != want:
+            out.append(f"spark.conf.{key}: profile {want!r}, running session {have!r} (fixed when "
+                       "the cluster starts: set it in the cluster's Spark config)")
+    if cfg.spark.master:
+        have = live("spark.master")
+        if have is not None and have != cfg.spark.master:
+            out.append(f"spark.master: profile {cfg.spark.master!r}, running session {have!r}")
+    return out
+
+
+def active_session():
+    """The running ``SparkSession`` of this process, or None (never starts one; None when pyspark
+    is not installed)."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        return None
+    return SparkSession.getActiveSession()
+
+
+def _num(conf: dict[str, str], key: str) -> Optional[float]:
+    v = conf.get(key)
+    try:
+        return float(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def spark_conf_problems(cfg: "FinelakeConfig") -> list[str]:
+    """Contradictions inside the profile's own ``spark.conf`` (no session needed): a task asking
+    for more GPUs or CPUs than an executor has, or non-numeric resource amounts.
+
+    Returns:
+        One line per problem, naming the ``spark.conf.<key>``.
+    """
+    conf, out = cfg.spark.conf, []
+    for key in ("spark.task.resource.gpu.amount", "spark.executor.resource.gpu.amount",
+                "spark.executor.cores", "spark.task.cpus"):
+        if key in conf and _num(conf, key) is None:
+            out.append(f"spark.conf.{key}: {conf[key]!r} is not a number")
+    task_gpu = _num(conf, "spark.task.resource.gpu.amount")
+    exec_gpu = _num(conf, "spark.executor.resource.gpu.amount")
+    if task_gpu and not exec_gpu:
+        out.append("spark.conf.spark.task.resource.gpu.amount: set, but executors ask for no GPU "
+                   "(spark.executor.resource.gpu.amount)")
+    elif task_gpu and exec_gpu and task_gpu > exec_gpu:
+        out.append(f"spark.conf.spark.task.resource.gpu.amount: {task_gpu:g} GPUs per task, more "
+                   f"than an executor's {exec_gpu:g}")
+    cores, cpus = _num(conf, "spark.executor.cores"), _num(conf, "spark.task.cpus")
+    if cores and cpus and cpus > cores:
+        out.append(f"spark.conf.spark.task.cpus: {cpus:g} CPUs per task, more than an executor's "
+                   f"{cores:g} cores (spark.executor.cores)")
+    return out
+
+
+def resolved_yaml(cfg: "FinelakeConfig") -> str:
+    """The resolved profile (``extends`` merged, overrides applied, defaults filled in) as YAML
+    that :func:`finelake.config.load_config` reads back to the same configuration."""
+    import yaml
+
+    data = cfg.model_dump(mode="json", by_alias=True, exclude={"source_file"})
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+def run_validate(profile: str, overrides: Optional[list[str]] = None, lake: Optional[str] = None,
+                 spark=None) -> tuple["FinelakeConfig", list[str], list[str]]:
+    """Everything ``finelake validate`` checks, on this (driver) process, loading no model.
+
+    Args:
+        profile: YAML path or packaged profile name.
+        overrides: ``key=value`` overrides.
+        lake: lake root override.
+        spark: a running session to check against; default the active one, if any.
+
+    Returns:
+        ``(cfg, report lines, problems)``: problems are empty when the profile is valid.
+
+    Raises:
+        ConfigError: the profile does not load: unknown key, wrong type, bad backend or option
+            (the message names the key and file).
+    """
+    from finelake.config import load_config
+
+    cfg = load_config(profile, overrides or [], check_models=False, lake=lake)
+    lines = [f"profile {cfg.profile}: {cfg.source_file}"]
+    try:
+        models = check_backends(cfg)
+    except ValueError as exc:
+        from finelake.config import ConfigError
+
+        raise ConfigError(f"{cfg.source_file}: invalid model settings: {exc}") from None
+    for key, s in models.items():
+        shown = dict(s["options"])
+        if s.get("judge") == "llm":
+            shown = {"format": s["format"], "constrained": s["constrained"], **shown}
+        opts = ", ".join(f"{k}={v!r}" for k, v in shown.items()) or "no options"
+        judge = f"{s['judge']} judge over " if "judge" in s else ""
+        lines.append(f"{key}: {judge}{s['backend']} {s['model']} ({opts})")
+    problems = spark_conf_problems(cfg)
+    spark = spark if spark is not None else active_session()
+    if spark is None:
+        lines.append("spark: no running session in this process; the profile's static settings "
+                     "(executor cores, task GPUs, ...) were not compared with a cluster's (run "
+                     "validate where the session exists, e.g. a Databricks notebook)")
+    else:
+        mism = session_mismatches(cfg, spark)
+        problems += mism
+        lines.append(f"spark: running session checked ({len(mism)} static setting(s) differ)")
+    return cfg, lines, problems

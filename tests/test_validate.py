@@ -1,0 +1,122 @@
+"""Driver-side profile checks: ``finelake validate``, backend option checks in load_config, the
+Spark settings against a running session. No model is loaded anywhere here."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from finelake.cli import cli
+from finelake.config import ConfigError, available_profiles, load_config
+from finelake.models.base import OptionError
+from finelake.validate import session_mismatches, spark_conf_problems
+
+
+def _validate(*args):
+    return CliRunner().invoke(cli, ["validate", *args])
+
+
+@pytest.mark.parametrize("profile", available_profiles())
+def test_every_packaged_profile_validates(profile):
+    r = _validate("--conf", profile)
+    assert r.exit_code == 0, r.output
+    assert f"validate: profile {profile} is valid" in r.output
+    assert "models.generator:" in r.output and "models.judge:" in r.output
+
+
+def _profile_with(tmp_path, body: str) -> str:
+    p = tmp_path / "p.yaml"
+    p.write_text(body)
+    return str(p)
+
+
+def test_misspelled_generator_option_exits_nonzero_and_names_it(tmp_path):
+    path = _profile_with(tmp_path, "extends: databricks\nmodels:\n  generator:\n    options:\n"
+                                   "      enable_prefix_cachng: true\n")
+    r = _validate("--conf", path)
+    assert r.exit_code != 0
+    assert "models.generator.options.enable_prefix_cachng" in r.output
+    assert "did you mean enable_prefix_caching" in r.output and path in r.output
+
+
+def test_every_job_rejects_the_same_profile_on_the_driver(tmp_path):
+    """load_config (every job's first step) checks backend options; nothing reaches an executor."""
+    path = _profile_with(tmp_path, "extends: databricks\ngenericize:\n  model:\n    options:\n"
+                                   "      engine_args: {max_num_seq: 8}\n")
+    with pytest.raises(ConfigError, match=r"genericize\.model\.options\.engine_args\.max_num_seq"):
+        load_config(path)
+    assert load_config(path, check_models=False).genericize.model.options["engine_args"]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("models.generator.options.max_model_len=lots", "models.generator.options.max_model_len"),
+    ("models.embedder.options.max_batch_token=4096", "models.embedder.options.max_batch_token"),
+    ("models.judge.options.format=yaml", "models.judge.options.format"),
+    ("models.judge.options.constrained=maybe", "models.judge.options.constrained"),
+    ("models.generator.backend=vllmm", "models.generator.backend"),
+    ("evaluate.judge.options.regex_style=none", "evaluate.judge.options.regex_style"),
+])
+def test_bad_settings_are_named(override, key):
+    r = _validate("--conf", "databricks", "--set", override)
+    assert r.exit_code != 0 and key in r.output, r.output
+
+
+def test_relevance_judge_cuts_and_embedder_options_checked():
+    with pytest.raises(ConfigError, match=r"models\.judge\.options\.cuts"):
+        load_config("local", ["models.judge.options.cuts=[0.5, 0.2, 0.3, 0.9]"])
+    with pytest.raises(ConfigError, match=r"models\.judge\.options\.devise"):
+        load_config("local", ["models.judge.options.devise=cpu"])
+    load_config("local", ["models.judge.options.cuts=[0.1, 0.2, 0.3, 0.4]"])
+
+
+def test_vllm_accepts_engine_args_names_and_rejects_others():
+    from finelake.models.vllm_backend import VLLMGenerator
+    from finelake.models.vllm_engine_args import engine_arg_names
+
+    names, _ = engine_arg_names()
+    assert {"enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens"} <= names
+    out = VLLMGenerator.check_options({"max_num_seqs": 64, "engine_args": {"block_size": 16},
+                                       "max_model_len": "4096"})
+    assert out["max_model_len"] == 4096 and out["max_num_seqs"] == 64
+    with pytest.raises(OptionError) as e:
+        VLLMGenerator.check_options({"max_num_seq": 64})
+    assert e.value.key == "max_num_seq" and "max_num_seqs" in str(e.value)
+
+
+def test_print_gives_yaml_that_loads_back_to_the_same_profile(tmp_path):
+    r = CliRunner().invoke(cli, ["validate", "--conf", "cluster-sim", "--print"])
+    assert r.exit_code == 0, r.output
+    text = r.stdout
+    data = yaml.safe_load(text)
+    assert "extends" not in data and data["spark"]["master"].startswith("spark://")
+    p = tmp_path / "resolved.yaml"
+    p.write_text(text)
+    again, orig = load_config(str(p)), load_config("cluster-sim")
+    assert again.model_dump(exclude={"source_file"}) == orig.model_dump(exclude={"source_file"})
+
+
+def test_spark_conf_contradictions_are_reported():
+    cfg = load_config("databricks", check_models=False)
+    assert spark_conf_problems(cfg) == []
+    cfg.spark.conf = {**cfg.spark.conf, "spark.task.cpus": "16",
+                      "spark.executor.resource.gpu.amount": "0"}
+    problems = spark_conf_problems(cfg)
+    assert any(p.startswith("spark.conf.spark.task.cpus: 16") for p in problems)
+    assert any("spark.task.resource.gpu.amount" in p for p in problems)
+
+
+def test_static_settings_that_differ_in_the_running_session_are_reported(spark):
+    cfg = load_config("local", check_models=False)
+    cfg.spark.conf = {"spark.executor.cores": "8",                 # static, not in the session
+                      "spark.task.resource.gpu.amount": "1",       # static, not in the session
+                      "spark.sql.shuffle.partitions": "7",         # runtime: get_spark sets it
+                      "spark.app.name": spark.sparkContext.appName}  # static, equal
+    cfg.spark.master = "spark://elsewhere:7077"
+    out = session_mismatches(cfg, spark)
+    keys = sorted(line.split(":")[0] for line in out)
+    assert keys == ["spark.conf.spark.executor.cores", "spark.conf.spark.task.resource.gpu.amount",
+                    "spark.master"]
+    cfg.spark.conf = {"spark.sql.shuffle.partitions": "7"}
+    cfg.spark.master = spark.sparkContext.master
+    assert session_mismatches(cfg, spark) == []
