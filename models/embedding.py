@@ -20,9 +20,11 @@ tokens of the embedding model's own tokenizer.
 
 The modules after the transformer in a sentence-transformers folder (its Pooling, Normalize) are
 replaced by the pooling above: the global vector is the masked mean of the token embeddings, which
-is exactly what a mean-pooling model (all-MiniLM-L6-v2, BGE-M3 fine-tuned as in §3.2) outputs. A
-model with a different pooling mode or extra modules (Dense) is accepted with a warning: its
-``embed`` then differs from its own ``encode``.
+is exactly what a mean-pooling model (all-MiniLM-L6-v2) outputs. A model whose own Pooling module is
+not mean (BGE-M3 pools the CLS token) is refused, since its vectors would differ from the ones its
+match thresholds (§3.2's 0.865) were set on, unless the profile says ``options.pooling: mean``
+explicitly (then a warning; recalibrate ``match.thresholds`` with ``finelake calibrate``). Extra
+modules (Dense) are skipped with a warning: ``embed`` then differs from the model's own ``encode``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
@@ -60,6 +62,8 @@ class SentenceTransformersEmbedder(EmbeddingBackend):
             the transformer. Pooling is always float32.
         threads: ``torch.set_num_threads`` for this process (process-wide!). Default: leave torch's
             setting alone. Under Spark the UDF glue sets it to the task's CPUs.
+        pooling: ``"mean"`` to mean-pool a model whose own Pooling module is not mean (CLS, max,
+            ...); unset, such a model is refused (ValueError).
         revision: hub revision (ignored for local folders).
         **options: any other key is rejected (TypeError), so typos in ``options:`` surface.
 
@@ -70,17 +74,21 @@ class SentenceTransformersEmbedder(EmbeddingBackend):
             (tokens computed, padding included), ``batches``, ``seconds`` (time in embed calls).
 
     Raises:
-        ValueError: unknown dtype, max_seq_length beyond the model's positions, or the model's
-            first module is not a transformer.
+        ValueError: unknown dtype, max_seq_length beyond the model's positions, the model's
+            first module is not a transformer, or its own pooling is not mean and ``pooling`` is
+            not set.
         finelake.models.resolve.ModelNotFound: an embedded model's package is missing.
     """
 
     def __init__(self, model: str, *, batch_size: int = 64, max_seq_length: Optional[int] = None,
                  device: Optional[str] = None, dtype: str = "float32", threads: Optional[int] = None,
                  revision: Optional[str] = None, max_batch_tokens: Optional[int] = None,
-                 **options: Any):
+                 pooling: Optional[Literal["mean"]] = None, **options: Any):
         if options:
             raise TypeError(f"sentence_transformers backend: unknown options {sorted(options)}")
+        if pooling not in (None, "mean"):
+            raise ValueError(f"sentence_transformers backend: pooling must be 'mean', not {pooling!r}")
+        self.pooling_override = pooling
         super().__init__(model, batch_size=batch_size, max_seq_length=max_seq_length, device=device,
                          dtype=dtype, threads=threads, revision=revision,
                          max_batch_tokens=max_batch_tokens)
@@ -177,13 +185,21 @@ class SentenceTransformersEmbedder(EmbeddingBackend):
     def _check_modules(self) -> None:
         mods = list(self._st)
         names = [type(m).__name__ for m in mods]
-        pooling = [m for m in mods if type(m).__name__ == "Pooling"]
-        mean = bool(pooling) and getattr(pooling[0], "pooling_mode", None) in ("mean", ("mean",))
+        mode = own_pooling_mode(mods)
+        if mode != "mean":
+            if self.pooling_override != "mean":
+                raise ValueError(
+                    f"{self.model_id}: its own pooling is {mode!r} (sentence-transformers Pooling "
+                    "module), but finelake embeds with mean pooling (Gaussian pooling, §3.2 and "
+                    "Appendix B), so its vectors would not be the ones its match threshold was "
+                    "set on; set models.embedder.options.pooling: mean to use mean pooling anyway "
+                    "(and recalibrate match.thresholds with finelake calibrate)")
+            log.warning("%s: own pooling %r replaced by mean pooling (options.pooling: mean)",
+                        self.model_id, mode)
         extra = [n for n in names[1:] if n not in ("Pooling", "Normalize")]
-        if not mean or extra:
-            log.warning("%s: modules %s; embed() uses mean pooling of the transformer output and "
-                        "skips %s, so it differs from this model's own encode()", self.model_id,
-                        names, extra or "its pooling mode")
+        if extra:
+            log.warning("%s: modules %s; embed() skips %s, so it differs from this model's own "
+                        "encode()", self.model_id, names, extra)
 
     def _tokenize(self, texts: list[str]):
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
@@ -229,6 +245,46 @@ class SentenceTransformersEmbedder(EmbeddingBackend):
         self.stats["tokens"] += int(lengths.sum())
         self.stats["seconds"] += time.perf_counter() - t0
         return out
+
+
+_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                  "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens":
+                  "mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens": "weightedmean",
+                  "pooling_mode_lasttoken": "lasttoken"}
+
+
+def pooling_mode_of(config: dict[str, Any]) -> str:
+    """The pooling mode a sentence-transformers Pooling config declares, as one string.
+
+    Args:
+        config: the Pooling module's ``config.json`` (``1_Pooling/config.json``): either
+            ``{"pooling_mode": "cls"}`` (sentence-transformers >= 6) or the boolean flags
+            ``pooling_mode_cls_token``, ``pooling_mode_mean_tokens``, ... (older folders).
+
+    Returns:
+        ``"mean"``, ``"cls"``, ``"max"``, ...; several flags set give ``"cls+mean"`` (sorted);
+        no flag set gives ``"none"``.
+    """
+    mode = config.get("pooling_mode")
+    if isinstance(mode, str):
+        return mode
+    if isinstance(mode, (list, tuple)):
+        return "+".join(sorted(str(m) for m in mode)) or "none"
+    on = sorted(v for k, v in _POOLING_FLAGS.items() if config.get(k))
+    return "+".join(on) or "none"
+
+
+def own_pooling_mode(modules) -> str:
+    """The pooling mode of a loaded SentenceTransformer's Pooling module (:func:`pooling_mode_of`
+    of its config); ``"mean"`` when there is none (sentence-transformers then adds mean pooling)."""
+    pooling = [m for m in modules if type(m).__name__ == "Pooling"]
+    if not pooling:
+        return "mean"
+    p = pooling[0]
+    if hasattr(p, "get_config_dict"):
+        return pooling_mode_of(p.get_config_dict())
+    return pooling_mode_of({k: getattr(p, k) for k in ("pooling_mode", *_POOLING_FLAGS)
+                            if hasattr(p, k)})
 
 
 def create_embedder(model_cfg: Union[ModelConfig, dict]) -> EmbeddingBackend:
