@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import click
 
-from finelake.config import ConfigError, load_config
+from finelake.config import ConfigError, hub_model_ids, load_config
 from finelake.runtime import FinelakeError, StageContext
 
 log = logging.getLogger("finelake")
@@ -48,10 +48,11 @@ def _common(f: Callable) -> Callable:
             # Spark's workers) on the executors: one stage progress line is what the user reads.
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             cfg = load_config(profile, list(overrides), lake=lake)
+            if not hub_model_ids(cfg):  # embedded models only: never ask the hub (driver side)
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
             ctx = StageContext(cfg, run_id=run_id)
             return f(ctx, **kwargs)
         except (ConfigError, FinelakeError, FileNotFoundError, KeyError, ValueError) as exc:

@@ -537,6 +537,34 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
     return cfg
 
 
+def hub_model_ids(cfg: FinelakeConfig) -> list[str]:
+    """Model ids of the profile that would be fetched from the Hugging Face hub: every model,
+    tokenizer and training/evaluation base model that is neither ``embedded:<name>`` nor an
+    existing local path (models served by the ``openai`` backend are names on a server, not hub
+    ids, and are left out). Empty for the embedded profiles.
+
+    The CLI sets ``HF_HUB_OFFLINE=1`` on the driver only when this is empty (no request to the hub
+    can help then, and an offline hub fails fast); a profile whose executors are separate
+    processes of a cluster sets ``spark.executorEnv.HF_HUB_OFFLINE`` itself
+    (``conf/cluster-sim.yaml``). Profiles that name hub ids (databricks, emr) are left online on
+    the driver and the executors: their tokenizer and models are downloaded (or read from a
+    pre-filled cache when the cluster sets ``HF_HUB_OFFLINE`` in its own spec).
+    """
+    ids = [cfg.tokenizer.model, cfg.train.base_model]
+    if cfg.evaluate.base_model:
+        ids.append(cfg.evaluate.base_model)
+    for mc in (cfg.models.generator, cfg.models.embedder, cfg.models.judge, cfg.genericize.model,
+               cfg.instantiate.model, cfg.continue_.model, cfg.evaluate.judge):
+        if mc is not None and mc.backend != "openai":
+            ids.append(mc.model)
+    out = []
+    for m in ids:
+        if m.startswith("embedded:") or os.path.exists(os.path.expanduser(m)) or m in out:
+            continue
+        out.append(m)
+    return out
+
+
 def _origin(files: list[Path], loc: tuple) -> str:
     """`` (in FILE)`` for the first file of an extends chain (child first) that sets ``loc``;
     empty for a single-file profile or a key no file sets."""

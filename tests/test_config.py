@@ -131,3 +131,31 @@ def test_unknown_key_in_a_parent_names_the_parent(tmp_path):
         load_config(str(tmp_path / "child.yaml"))
     msg = str(e.value)
     assert "match.chunkz (in " in msg and str(tmp_path / "parent.yaml") in msg and "unknown key" in msg
+
+
+# ----------------------------------------------------------------------------- hub access
+
+
+def test_hub_model_ids_only_for_profiles_that_name_hub_models():
+    from finelake.config import hub_model_ids
+
+    assert hub_model_ids(load_config("local")) == []
+    assert hub_model_ids(load_config("cluster-sim")) == []
+    ids = hub_model_ids(load_config("databricks"))
+    assert "flowaicom/Flow-Judge-v0.1" in ids and "meta-llama/Llama-3.2-1B" in ids
+    assert "gpt-4-turbo" not in ids  # served by the openai backend, not a hub id
+    assert load_config("cluster-sim").spark.conf["spark.executorEnv.HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("profile,offline", [("local", "1"), ("databricks", None)])
+def test_cli_forces_hub_offline_only_without_hub_models(profile, offline, tmp_path, monkeypatch):
+    import os
+
+    from click.testing import CliRunner
+
+    from finelake.cli import cli
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    r = CliRunner().invoke(cli, ["tables", "--conf", profile, "--lake", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert os.environ.get("HF_HUB_OFFLINE") == offline
