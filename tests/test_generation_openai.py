@@ -344,3 +344,22 @@ def test_bad_options_rejected_with_their_name(monkeypatch):
     with pytest.raises(OptionError, match="regex_style") as e:
         OpenAIGenerator.check_options({"base_url": "http://x/v1", "regex_style": "none"})
     assert e.value.key == "regex_style"
+
+
+def test_the_projects_own_requests_pass_both_providers_rules():
+    """evaluate's aspect schema and pairwise/grade regexes, and the JSON judge's schema, as sent."""
+    from finelake.method import winrate as wr
+    from finelake.models.judge import JUDGE_SCHEMA
+
+    reqs = [_req("aspects", json_schema=wr.ASPECT_SCHEMA), _req("judge", json_schema=JUDGE_SCHEMA),
+            _req("pair", max_tokens=2, regex=wr.PAIRWISE_REGEX),
+            _req("grade", max_tokens=3, regex=wr.GRADE_REGEX)]
+    for r in reqs:
+        o = request_kwargs(r, provider="openai", model="gpt-4-turbo")
+        body = {k: v for k, v in o.items() if k != "extra_body"}
+        assert openai_problems(body) == [] and "extra_body" not in o
+        v = request_kwargs(r, provider="vllm", model="m")
+        assert vllm_problems({**{k: x for k, x in v.items() if k != "extra_body"},
+                              **v.get("extra_body", {})}) == []
+    aspects = request_kwargs(reqs[0], provider="openai", model="m")["response_format"]
+    jsonschema.validate({a: 3 for a in wr.ASPECTS}, aspects["json_schema"]["schema"])
