@@ -61,5 +61,6 @@ main()
 PY
 
 # Fail the bootstrap (and so the cluster start) now rather than at the first step.
-"$HOME_DIR/venv/bin/python" -c "import finelake.cli, finelake.jobs.pipeline"
+# (-I: not the current directory's or PYTHONPATH's modules, only the virtualenv's)
+"$HOME_DIR/venv/bin/python" -I -c "import finelake.cli, finelake.jobs.pipeline"
 echo "finelake installed in $HOME_DIR/venv from $WHEEL [$EXTRAS]"
