@@ -788,24 +788,30 @@ def run_ingest(ctx: StageContext, queries: Optional[str] = None, documents: Opti
     Args:
         ctx: stage context (config ``ingest.*`` and ``tokenizer.model``, run id, Spark, lake).
         queries, documents: input paths (JSONL/Parquet/CSV file or folder, text folder, Delta
-            table, any Hadoop URI); None: the shipped sample.
+            table, any Hadoop URI). Only the inputs named are read: None leaves that table as it
+            is (the shipped sample is the input of ``finelake run`` alone, when it names neither).
         query_field: text field of queries (default ``query``); ``text_field``: of documents
             (default ``text``).
         id_field: field holding the row id (default: the content hash of the normalized text).
         source_field: field holding the source name (default ``source``; else the file name).
 
     Returns:
-        ``[queries_stats, documents_stats]``; each ``rows_in`` = ``rows_out`` + dropped +
+        One :class:`StageStats` per input named (queries first); each ``rows_in`` = ``rows_out`` + dropped +
         ``quarantined`` and ``extra["check"]`` spells the equation out.
 
     Raises:
-        FinelakeError: an input or evaluation set is missing or unreadable, or a mapped field is
-            not a column of a tabular input (both inputs are checked before anything is written).
+        FinelakeError: neither input named; an input or evaluation set is missing or unreadable,
+            or a mapped field is not a column of a tabular input (both inputs are checked before
+            anything is written).
         IngestInvariantError: the row accounting does not add up (a bug).
     """
     cfg: IngestConfig = ctx.cfg.ingest
     spark = ctx.spark
-    specs = (resolve_input(spark, queries, "queries"), resolve_input(spark, documents, "documents"))
+    if queries is None and documents is None:
+        raise FinelakeError("ingest needs --queries and/or --documents (only the inputs named are "
+                            "read; `finelake run` with neither ingests the shipped sample)")
+    specs = (resolve_input(spark, queries, "queries") if queries is not None else None,
+             resolve_input(spark, documents, "documents") if documents is not None else None)
     index = None
     if cfg.decontaminate:
         texts, names = load_eval_texts(cfg.eval_sets, spark)
@@ -818,6 +824,8 @@ def run_ingest(ctx: StageContext, queries: Optional[str] = None, documents: Opti
     jobs = []
     for t, spec, fld in ((_QUERIES, specs[0], query_field or "query"),
                          (_DOCUMENTS, specs[1], text_field or "text")):
+        if spec is None:
+            continue
         o = RowOptions(target=t.tdef.name, text_field=fld, id_field=id_field,
                        source_field=source_field or "source", default_source=spec.default_source,
                        min_chars=cfg.min_chars, max_chars=cfg.max_chars,
@@ -826,7 +834,8 @@ def run_ingest(ctx: StageContext, queries: Optional[str] = None, documents: Opti
         jobs.append((t, spec, o, read_prepared(spark, ctx.lake, spec, o)))
     out = [_ingest_one(ctx, t, spec, o, rows, index) for t, spec, o, rows in jobs]
     for tdef in (QUERIES, DOCUMENTS, QUARANTINE, INGEST_DROPS):
-        ctx.lake.register(tdef)
+        if ctx.lake.exists(tdef):
+            ctx.lake.register(tdef)
     return out
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 
 from finelake.jobs.common import job_main, limit_ordered, require, spread
 from finelake.jobs.index import latest_index
+from finelake.resources import MODEL_STAGE, model_worker_pool, plan_stage
 from finelake.storage import distribute
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import DOCUMENTS, GENERICIZATIONS, MATCH_LOG, MATCHES, TEMPLATES
@@ -76,6 +77,20 @@ def sample_group(pdf: pd.DataFrame, weights: dict, n: int, seed: int) -> pd.Data
                          "sample_rank": list(range(len(picked)))})
 
 
+def current_index(cfg, spark) -> dict:
+    """The latest index's metadata (:func:`latest_index`), checked against the profile's embedder.
+
+    Raises:
+        FinelakeError: no index, or it was built with another embedding model (its vectors would
+            not be comparable with the documents').
+    """
+    idx = latest_index(cfg, spark)
+    if idx["embedding_model"] != cfg.models.embedder.model:
+        raise FinelakeError(f"the index was built with {idx['embedding_model']}, the profile embeds "
+                            f"with {cfg.models.embedder.model}: run 'finelake index' again")
+    return idx
+
+
 def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
     """Match the (first ``max_documents``, by id) documents without a ``match_log`` row.
 
@@ -90,10 +105,7 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     cfg, lake = ctx.cfg, ctx.lake
     mc = cfg.match
     stats = StageStats(STAGE)
-    idx = latest_index(cfg, ctx.spark)
-    if idx["embedding_model"] != cfg.models.embedder.model:
-        raise FinelakeError(f"the index was built with {idx['embedding_model']}, the profile embeds "
-                            f"with {cfg.models.embedder.model}: run 'finelake index' again")
+    idx = current_index(cfg, ctx.spark)
     threshold = threshold_for(cfg)
     n = max_documents or cfg.run.max_documents
     docs = limit_ordered(require(ctx, DOCUMENTS, "ingest").select("doc_id", "text"), "doc_id", n).cache()
@@ -117,8 +129,12 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
                                T.StructField("template_id", T.StringType()),
                                T.StructField("chunk_index", T.IntegerType()),
                                T.StructField("score", T.DoubleType())])
-        par = ctx.spark.sparkContext.defaultParallelism
-        cands = spread(pending, "doc_id", par).mapInPandas(fn, schema).cache()
+        # One GPU per task on GPU clusters (the embedder), in the model workers (resources).
+        plan = plan_stage(ctx.spark, MODEL_STAGE)
+        with model_worker_pool(ctx.spark):
+            cands = spread(pending, "doc_id", plan.tasks).mapInPandas(
+                fn, schema, **({"profile": plan.profile} if plan.profile is not None else {}))
+        cands = cands.cache()
         found = cands.where("template_id IS NOT NULL").join(templates, "template_id")
 
         # Complexity weights (§3.2): target = templates from real queries (one per query),
@@ -175,10 +191,12 @@ def calibrate(ctx: StageContext, n: int = 200) -> str:
         at several thresholds.
     """
     cfg = ctx.cfg
-    idx = latest_index(cfg.lake)
+    idx = current_index(cfg, ctx.spark)
     docs = limit_ordered(require(ctx, DOCUMENTS, "ingest").select("doc_id", "text"), "doc_id", n)
+    index_path, distributed = distribute(ctx.spark, idx["path"])
     fn = functools.partial(candidates_partition, embedder=cfg.models.embedder.model_dump(),
-                           index_path=idx["path"], chunks=cfg.match.chunks, sigma=cfg.match.sigma,
+                           index_path=index_path, distributed=distributed,
+                           chunks=cfg.match.chunks, sigma=cfg.match.sigma,
                            alpha=cfg.match.alpha, top_k=cfg.match.top_k, threshold=-1.0)
     from pyspark.sql import types as T
 

@@ -41,7 +41,9 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
     finishes; returns their statistics.
 
     Args:
-        queries, documents: inputs for ingest (None: the shipped sample).
+        queries, documents: inputs for ingest. With neither named, the shipped sample (the
+            README's main job); with one named, only that one is read and the other table must
+            already be in the lake.
         max_queries, max_documents: limits for genericize / match and later (None: the profile's
             ``run`` section).
         report: also write the report (``finelake report``).
@@ -53,8 +55,10 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
     """
     import importlib
 
-    from finelake.jobs.ingest import run_ingest
+    from finelake.jobs.ingest import run_ingest, sample_path
 
+    if queries is None and documents is None:
+        queries, documents = sample_path("queries.jsonl"), sample_path("documents.jsonl")
     out: list[StageStats] = []
     ing = run_ingest(ctx, queries=queries, documents=documents, **(fields or {}))
     out.extend(ing if isinstance(ing, (list, tuple)) else [ing])
@@ -88,7 +92,7 @@ def _require_ingested_rows(ctx: StageContext, ingested: list[StageStats]) -> Non
     by_stage = {s.stage: s for s in ingested}
     for tdef, stage, flag in ((QUERIES, "ingest:queries", "--query-field"),
                               (DOCUMENTS, "ingest:documents", "--text-field")):
-        if ctx.lake.read_arrow(tdef, columns=list(tdef.key)).num_rows:
+        if ctx.lake.exists(tdef) and ctx.lake.read_arrow(tdef, columns=list(tdef.key)).num_rows:
             continue
         st = by_stage.get(stage)
         why = (f"this ingest read {st.rows_in} rows and quarantined {st.quarantined} "

@@ -316,13 +316,28 @@ def test_bad_inputs_raise_clear_errors(spark, tmp_path):
     with pytest.raises(FinelakeError, match="mixes formats"):
         resolve_input(spark, str(mixed), "queries")
     (tmp_path / "d.csv").write_text("body\nhello\n")
+    good_queries = tmp_path / "q.jsonl"
+    good_queries.write_bytes(b"\n".join(QUERY_LINES) + b"\n")
     with pytest.raises(FinelakeError, match="text field 'text' is not a column .*columns: body"):
-        run_ingest(ctx, documents=str(tmp_path / "d.csv"))  # queries: the shipped sample
+        run_ingest(ctx, queries=str(good_queries), documents=str(tmp_path / "d.csv"))
     assert not os.path.exists(ctx.lake.path(QUERIES))  # the mapping is checked before any write
+    with pytest.raises(FinelakeError, match="needs --queries and/or --documents"):
+        run_ingest(ctx)
     with pytest.raises(FinelakeError, match="unsupported file type"):
         (tmp_path / "x.xlsx").write_bytes(b"PK")
         resolve_input(spark, str(tmp_path / "x.xlsx"), "queries")
     assert resolve_input(spark, None, "queries").path.endswith("queries.jsonl")
+
+
+def test_ingest_reads_only_the_inputs_named(spark, tmp_path):
+    """`finelake ingest --documents X` must not also ingest the shipped sample queries (issue 14)."""
+    ctx = _ctx(spark, tmp_path, "only_documents")
+    dpath = tmp_path / "docs.jsonl"
+    dpath.write_bytes(b"\n".join(DOC_LINES) + b"\n")
+    stats = run_ingest(ctx, documents=str(dpath))
+    assert [s.stage for s in stats] == ["ingest:documents"]
+    assert not ctx.lake.exists(QUERIES)
+    assert ctx.lake.read_arrow(DOCUMENTS).num_rows == stats[0].rows_out > 0
 
 
 def test_invariant_is_checked():
