@@ -84,7 +84,7 @@ def spread(df, key: str, n: int):
 
 def commit_in_chunks(ctx: StageContext, stage: str, tdef: TableDef, pending, key: str,
                      n_scope: int, chunk_size: int, transform, order: tuple = (),
-                     **merge_kwargs) -> int:
+                     plan=None, **merge_kwargs) -> int:
     """Run ``transform`` over ``pending`` chunk by chunk and merge each chunk into ``tdef`` in its
     own Delta commit, so a killed job loses at most one chunk of work.
 
@@ -102,6 +102,11 @@ def commit_in_chunks(ctx: StageContext, stage: str, tdef: TableDef, pending, key
         chunk_size: target rows (keys) per chunk, >= 1.
         transform: ``DataFrame -> DataFrame`` applied to one chunk (the model call, e.g.
             :func:`map_rows`); its result is merged with ``ctx.lake.merge(tdef, ..., **merge_kwargs)``.
+            It is built inside :func:`finelake.resources.model_worker_pool` when ``plan`` is given.
+        plan: the stage's :class:`finelake.resources.StagePlan`: a chunk is spread over
+            ``plan.tasks`` partitions (one per GPU task, so each engine call gets a whole batch);
+            None: ``defaultParallelism``. A resumed run rebuilds the same chunks as long as the
+            plan's task count is the same (the same cluster size).
 
     Returns:
         The number of chunks committed by this call.
@@ -111,13 +116,20 @@ def commit_in_chunks(ctx: StageContext, stage: str, tdef: TableDef, pending, key
     if n_scope <= 0:
         return 0
     n_chunks = max(1, -(-n_scope // max(1, chunk_size)))
-    par = ctx.spark.sparkContext.defaultParallelism
+    par = plan.tasks if plan is not None else ctx.spark.sparkContext.defaultParallelism
     bucketed = pending.withColumn("_chunk", F.abs(F.xxhash64(key)) % F.lit(n_chunks))
     todo = sorted(r["_chunk"] for r in bucketed.select("_chunk").distinct().collect())
     for done, c in enumerate(todo, start=1):
         part = (spread(bucketed.where(F.col("_chunk") == c).drop("_chunk"), key, par)
                 .sortWithinPartitions(key, *order))
-        ctx.lake.merge(tdef, transform(part), ctx.run_id, **merge_kwargs)
+        if plan is not None:
+            from finelake.resources import model_worker_pool
+
+            with model_worker_pool(ctx.spark):
+                out = transform(part)
+        else:
+            out = transform(part)
+        ctx.lake.merge(tdef, out, ctx.run_id, **merge_kwargs)
         fail_point(stage, done)
     return len(todo)
 
@@ -132,29 +144,104 @@ def arrow_from_rows(rows: list[dict], tdef: TableDef) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=tdef.schema)
 
 
-def _rows_to_batches(batches, fn, schema):
+def coalesce_batches(batches, min_rows: int):
+    """Arrow record batches regrouped so that each holds at least ``min_rows`` rows (the last
+    one may hold fewer): consecutive batches are concatenated, in order, never split. Which rows
+    share a group depends only on the input's order and sizes, so a rebuilt partition gives the
+    same groups. Empty batches are skipped.
+
+    Args:
+        batches: iterable of ``pyarrow.RecordBatch`` with one schema.
+        min_rows: target rows per group (<= 1: every non-empty batch on its own).
+
+    Yields:
+        ``pyarrow.Table`` groups.
+    """
+    held, n = [], 0
     for batch in batches:
         if batch.num_rows == 0:
             continue
-        rows = fn(batch.to_pandas())
+        held.append(batch)
+        n += batch.num_rows
+        if n >= max(1, min_rows):
+            yield pa.Table.from_batches(held)
+            held, n = [], 0
+    if held:
+        yield pa.Table.from_batches(held)
+
+
+class _PairSum:
+    """Accumulator parameter adding ``[model calls, prompts]`` pairs (see :func:`call_meter`)."""
+
+    def zero(self, value):
+        return [0, 0]
+
+    def addInPlace(self, a, b):  # noqa: N802 - Spark's AccumulatorParam interface
+        return [a[0] + b[0], a[1] + b[1]]
+
+
+def call_meter(spark):
+    """A Spark accumulator of ``[model calls, prompts]`` that :func:`map_rows` fills on the
+    executors (from :data:`finelake.udfs.cache.CALLS`); read ``.value`` on the driver after the
+    job. None under Spark Connect (no accumulators)."""
+    try:
+        return spark.sparkContext.accumulator([0, 0], _PairSum())
+    except Exception:  # noqa: BLE001 - Spark Connect
+        return None
+
+
+def record_meter(stats, meter) -> None:
+    """Put a :func:`call_meter`'s mean prompts per model call into a stage's summary
+    (``prompts_per_call=..`` and ``model_calls=..``)."""
+    if meter is None:
+        return
+    calls, prompts = meter.value
+    if calls:
+        stats.extra["model_calls"] = int(calls)
+        stats.extra["prompts_per_call"] = f"{prompts / calls:.1f}"
+        log.info("%s: %d prompts in %d model calls (%.1f per call)", stats.stage, prompts, calls,
+                 prompts / calls)
+
+
+def _rows_to_batches(batches, fn, schema, min_rows: int = 0, meter=None):
+    from finelake.udfs import cache
+
+    for table in coalesce_batches(batches, min_rows):
+        before = (cache.CALLS["calls"], cache.CALLS["prompts"])
+        rows = fn(table.to_pandas())
+        if meter is not None:
+            meter.add([cache.CALLS["calls"] - before[0], cache.CALLS["prompts"] - before[1]])
         if rows:
             yield pa.RecordBatch.from_pylist(rows, schema=schema)
 
 
-def map_rows(df, fn, tdef: TableDef, drop=("run_id",)):
-    """Apply ``fn(pandas.DataFrame) -> list[dict]`` to every Arrow batch of ``df`` on the
-    executors and return the rows as a DataFrame with ``tdef``'s columns (less ``drop``).
+def map_rows(df, fn, tdef: TableDef, drop=("run_id",), min_rows: int = 0, meter=None,
+             profile=None):
+    """Apply ``fn(pandas.DataFrame) -> list[dict]`` to the rows of ``df`` on the executors and
+    return the rows as a DataFrame with ``tdef``'s columns (less ``drop``).
 
     Rows are built into Arrow record batches with the table's own schema (``mapInArrow``), so
     a missing value is simply ``None`` and no pandas dtype inference happens on the way back.
+
+    Args:
+        min_rows: ``fn`` gets at least this many rows per call (Arrow batches of a partition
+            concatenated in order, :func:`coalesce_batches`), so a model sees its configured
+            ``batch_size`` whatever ``spark.sql.execution.arrow.maxRecordsPerBatch`` is; 0: one
+            call per Arrow batch.
+        meter: a :func:`call_meter` accumulator to add this job's model calls and prompts to.
+        profile: a ``pyspark.resource.ResourceProfile`` for the stage (stage-level scheduling,
+            :func:`finelake.resources.plan_stage`); None: the default profile.
     """
     import functools
 
     from pyspark.sql.pandas.types import from_arrow_schema
 
     schema = pa.schema([f for f in tdef.schema if f.name not in drop])
-    return df.mapInArrow(functools.partial(_rows_to_batches, fn=fn, schema=schema),
-                         from_arrow_schema(schema))
+    func = functools.partial(_rows_to_batches, fn=fn, schema=schema, min_rows=int(min_rows),
+                             meter=meter)
+    if profile is not None:
+        return df.mapInArrow(func, from_arrow_schema(schema), profile=profile)
+    return df.mapInArrow(func, from_arrow_schema(schema))
 
 
 def count_outcomes(stats, df, ok_status: str = "ok") -> None:

@@ -17,16 +17,22 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 
 import pandas as pd
 
-from finelake.jobs.common import (commit_in_chunks, count_outcomes, job_main, limit_ordered, map_rows,
-                                  model_label, model_spec, require)
+from finelake.jobs.common import (call_meter, commit_in_chunks, count_outcomes, job_main,
+                                  limit_ordered, map_rows, model_label, model_spec, record_meter,
+                                  require)
 from finelake.method import prompts, templates
+from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import GENERICIZATIONS, QUERIES, TEMPLATES
 
 STAGE = "genericize"
+RESOURCES = MODEL_STAGE
+"""One GPU per task where the cluster has GPUs (the generator; see :mod:`finelake.resources`)."""
+log = logging.getLogger(__name__)
 
 
 def genericize_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_slots: int,
@@ -103,10 +109,17 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
     spec = model_spec(gcfg.model or cfg.models.generator)
     fn = functools.partial(genericize_rows, spec=spec, mode=gcfg.mode, max_slots=gcfg.max_slots,
                            prompt_version=gcfg.prompt_version)
+    # One GPU per task on GPU clusters; chunks big enough for a whole batch per GPU task.
+    plan = plan_stage(ctx.spark, RESOURCES)
+    meter = call_meter(ctx.spark)
+    size = chunk_size(gcfg.chunk_rows, spec["batch_size"], plan.tasks)
+    log.info("%s: %s; %d queries per chunk", STAGE, plan.note, size)
     # Chunks are drawn over every query of the run, not the pending ones (see commit_in_chunks).
     commit_in_chunks(ctx, STAGE, GENERICIZATIONS, pending, "query_id",
-                     stats.rows_in if n_pending else 0, gcfg.chunk_rows,
-                     lambda part: map_rows(part, fn, GENERICIZATIONS))
+                     stats.rows_in if n_pending else 0, size,
+                     lambda part: map_rows(part, fn, GENERICIZATIONS, min_rows=spec["batch_size"],
+                                           meter=meter, profile=plan.profile), plan=plan)
+    record_meter(stats, meter)
     queries.unpersist()
     pending.unpersist()
 

@@ -22,10 +22,13 @@ import numpy as np
 
 from finelake import storage
 from finelake.jobs.common import job_main, require, spread
+from finelake.resources import MODEL_STAGE, model_worker_pool, plan_stage
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import TEMPLATES
 
 STAGE = "index"
+RESOURCES = MODEL_STAGE
+"""One GPU per task where the cluster has GPUs (the embedder; see :mod:`finelake.resources`)."""
 
 
 def index_root(cfg) -> str:
@@ -60,9 +63,13 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     cfg = ctx.cfg
     stats = StageStats(STAGE)
     tpl = require(ctx, TEMPLATES, "genericize").select("template_id", "compatible_document_description")
-    # Spread over the cluster's cores: the table's files need not be balanced.
-    tpl = spread(tpl, "template_id", ctx.spark.sparkContext.defaultParallelism)
-    emb = map_embeddings(tpl, cfg.models.embedder, "compatible_document_description", pooled=False)
+    # One GPU per task on GPU clusters (the embedder), in the model workers; elsewhere over the
+    # cluster's cores. Spread: the table's files need not be balanced.
+    plan = plan_stage(ctx.spark, RESOURCES)
+    tpl = spread(tpl, "template_id", plan.tasks)
+    with model_worker_pool(ctx.spark):
+        emb = map_embeddings(tpl, cfg.models.embedder, "compatible_document_description",
+                             pooled=False, profile=plan.profile)
     rows = emb.select("template_id", "embedding").orderBy("template_id").toArrow()
     stats.rows_in = rows.num_rows
     if rows.num_rows == 0:

@@ -19,17 +19,22 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from typing import Optional
 
 import pandas as pd
 
-from finelake.jobs.common import (commit_in_chunks, count_outcomes, job_main, map_rows, model_label,
-                                  model_spec, require, stable_hash)
+from finelake.jobs.common import (call_meter, commit_in_chunks, count_outcomes, job_main, map_rows,
+                                  model_label, model_spec, record_meter, require, stable_hash)
 from finelake.method import prompts
+from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import DOCUMENTS, INSTANTIATIONS, MATCHES, TEMPLATES
 
 STAGE = "instantiate"
+RESOURCES = MODEL_STAGE
+"""One GPU per task where the cluster has GPUs (the generator; see :mod:`finelake.resources`)."""
+log = logging.getLogger(__name__)
 
 
 def pair_key(doc_id: str, template_id: str) -> str:
@@ -122,8 +127,19 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
                            grounding_min_run_chars=ic.grounding_min_run_chars,
                            max_document_tokens=ic.max_document_tokens,
                            tokenizer=cfg.tokenizer.model)
-    commit_in_chunks(ctx, STAGE, INSTANTIATIONS, work, "doc_id", n_docs, ic.chunk_documents,
-                     lambda part: map_rows(part, fn, INSTANTIATIONS), order=("sample_rank",))
+    # One GPU per task on GPU clusters; chunks of documents whose matches fill a batch per task
+    # (matches per document from the whole scope, so a resumed run sizes chunks the same).
+    plan = plan_stage(ctx.spark, RESOURCES)
+    meter = call_meter(ctx.spark)
+    size = chunk_size(ic.chunk_documents, spec["batch_size"], plan.tasks,
+                      stats.rows_in / n_docs if n_docs else 1.0)
+    log.info("%s: %s; %d documents per chunk", STAGE, plan.note, size)
+    commit_in_chunks(ctx, STAGE, INSTANTIATIONS, work, "doc_id", n_docs, size,
+                     lambda part: map_rows(part, fn, INSTANTIATIONS, min_rows=spec["batch_size"],
+                                           meter=meter, profile=plan.profile),
+                     order=("sample_rank",), plan=plan)
+    record_meter(stats, meter)
+    lake.create(INSTANTIATIONS)  # empty when no document had a match: later stages still read it
     work.unpersist()
     rows = lake.read(INSTANTIATIONS).join(matches.select("pair_key"), "pair_key", "left_semi")
     count_outcomes(stats, rows)

@@ -12,14 +12,19 @@ user can ask in SQL why pairs were dropped::
 from __future__ import annotations
 
 import functools
+import logging
 
 import pandas as pd
 
-from finelake.jobs.common import job_main, map_rows, require, spread
+from finelake.jobs.common import call_meter, job_main, map_rows, record_meter, require, spread
+from finelake.resources import MODEL_STAGE, model_worker_pool, plan_stage
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import INSTANTIATIONS, JUDGMENTS
 
 STAGE = "judge"
+RESOURCES = MODEL_STAGE
+"""One GPU per task where the cluster has GPUs (the judge; see :mod:`finelake.resources`)."""
+log = logging.getLogger(__name__)
 
 
 def judge_rows(pdf: pd.DataFrame, spec: dict, min_score: int, prompt_version: str) -> list[dict]:
@@ -60,8 +65,16 @@ def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
         spec = cfg.models.judge.model_dump()
         fn = functools.partial(judge_rows, spec=spec, min_score=cfg.judge.min_score,
                                prompt_version=cfg.judge.prompt_version)
-        par = ctx.spark.sparkContext.defaultParallelism
-        lake.merge(JUDGMENTS, map_rows(spread(pending, "pair_key", par), fn, JUDGMENTS), ctx.run_id)
+        # One GPU per task on GPU clusters, each task's rows in one judge call (batch_size).
+        plan = plan_stage(ctx.spark, RESOURCES)
+        meter = call_meter(ctx.spark)
+        log.info("%s: %s", STAGE, plan.note)
+        with model_worker_pool(ctx.spark):
+            judged = map_rows(spread(pending, "pair_key", plan.tasks), fn, JUDGMENTS,
+                              min_rows=spec["batch_size"], meter=meter, profile=plan.profile)
+        lake.merge(JUDGMENTS, judged, ctx.run_id)
+        record_meter(stats, meter)
+    lake.create(JUDGMENTS)  # empty when nothing was instantiated: budget still reads it
     j = lake.read(JUDGMENTS).join(ok.select("pair_key"), "pair_key", "left_semi")
     for r in j.groupBy("kept").count().collect():
         if r["kept"]:

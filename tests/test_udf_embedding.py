@@ -79,10 +79,10 @@ def test_spark_rows_and_one_load_per_worker(spark, tmp_path):
     for i in range(5):
         np.testing.assert_allclose(by_id[f"d{i}"], direct[i], atol=1e-5)
 
-    lines = log_path.read_text().splitlines()
-    pids = Counter(line.split("\t")[0] for line in lines)
-    assert lines, "no model load was logged by the workers"
+    loads = [e for e in map(json.loads, log_path.read_text().splitlines()) if e["event"] == "load"]
+    pids = Counter(str(e["pid"]) for e in loads)
+    assert loads, "no model load was logged by the workers"
     print("loads per worker pid:", dict(pids))
     assert str(os.getpid()) not in pids  # loads happened in the workers
     assert all(n == 1 for n in pids.values()), pids
-    assert len({line.split("\t", 1)[1] for line in lines}) == 1  # one model key
+    assert len({e["key"] for e in loads}) == 1  # one model key

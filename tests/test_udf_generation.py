@@ -88,8 +88,8 @@ def test_spark_udf_one_load_per_worker_and_bad_rows(spark, tmp_path):
         assert json.loads(res[11]["text"])["ok"] in (True, False)
     # Greedy: the second job reproduces the first.
     assert [first[i]["text"] for i in range(12)] == [second[i]["text"] for i in range(12)]
-    lines = [ln.split("\t") for ln in log.read_text().splitlines()]
-    pids = Counter(pid for pid, key in lines if key.startswith("generator:"))
+    events = [json.loads(ln) for ln in log.read_text().splitlines()]
+    pids = Counter(str(e["pid"]) for e in events if e["event"] == "load" and e["kind"] == "generator")
     # 12 rows in 2-row Arrow batches over 2 jobs: >= 12 UDF calls, each worker loaded once.
     assert pids and all(n == 1 for n in pids.values()), pids
     assert len(pids) <= 2, pids  # local[2]: at most two Python workers ran the UDF

@@ -150,10 +150,13 @@ def embedding_udf(model_cfg: Union[dict, Any], pooled: bool, chunks: int = 5, si
 
 
 def map_embeddings(df, model_cfg: Union[dict, Any], text_col: str, pooled: bool, chunks: int = 5,
-                   sigma: float = 0.05, alpha: float = 1.0, out_col: str = "embedding"):
+                   sigma: float = 0.05, alpha: float = 1.0, out_col: str = "embedding",
+                   profile=None):
     """``df`` with ``out_col`` added by :func:`embed_frame`, through ``mapInPandas``.
 
-    Args: as :func:`embed_frame`; ``df`` a Spark DataFrame with a string column ``text_col``.
+    Args: as :func:`embed_frame`; ``df`` a Spark DataFrame with a string column ``text_col``;
+    ``profile`` a ``pyspark.resource.ResourceProfile`` (stage-level scheduling, see
+    :func:`finelake.resources.plan_stage`) or None.
 
     Returns:
         A Spark DataFrame with ``df``'s columns plus ``out_col`` (``array<float>`` or
@@ -176,4 +179,6 @@ def map_embeddings(df, model_cfg: Union[dict, Any], text_col: str, pooled: bool,
         for pdf in batches:
             yield embed_frame(spec, pdf, text_col, pooled, chunks, sigma, alpha, out_col)
 
+    if profile is not None:
+        return df.mapInPandas(run, schema=schema, profile=profile)
     return df.mapInPandas(run, schema=schema)

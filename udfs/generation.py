@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from finelake.models.base import GenerationBackend, GenerationRequest, GenerationResult
-from finelake.udfs.cache import get_or_load
+from finelake.udfs.cache import get_or_load, record_call
 
 OUTPUT_COLUMNS = ["text", "prompt_tokens", "completion_tokens", "finish_reason", "error"]
 OUTPUT_DDL = ("text string, prompt_tokens int, completion_tokens int, finish_reason string, "
@@ -135,6 +135,7 @@ def generate_frame(model_cfg: Mapping[str, Any], pdf: pd.DataFrame) -> pd.DataFr
         gen = load_generator(spec)
         reqs = [r for _, r in todo]
         try:
+            record_call(len(reqs))
             outs = gen.generate(reqs)
             if len(outs) != len(reqs):
                 raise RuntimeError(f"{len(outs)} results for {len(reqs)} requests")

@@ -16,7 +16,8 @@ def load_index(path: str, embedding_model: str):
     from finelake.models.index import TemplateIndex
 
     return get_or_load("faiss_index", {"path": path, "model": embedding_model},
-                       lambda: TemplateIndex.load(path, embedding_model=embedding_model))
+                       lambda: TemplateIndex.load(path, embedding_model=embedding_model),
+                       exclusive=False)  # data beside the model, not a second model
 
 
 def search_pooled(path: str, embedding_model: str, pooled: list, top_k: int, threshold: float) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from finelake.udfs.cache import get_or_load
+from finelake.udfs.cache import get_or_load, record_call
 
 
 def load_judge(spec: dict):
@@ -17,6 +17,7 @@ def judge_frame(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
     """``pdf`` (columns instruction, answer) -> columns judge_score (int or None), judge_reason,
     judge_model. A failing batch gives None scores with the error as reason, not a failed task."""
     judge = load_judge(spec)
+    record_call(len(pdf))
     try:
         scored = judge.score(list(pdf["instruction"]), list(pdf["answer"]))
     except Exception as exc:  # noqa: BLE001 - reported per row

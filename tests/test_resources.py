@@ -1,0 +1,60 @@
+"""finelake.resources: declared stage resources, GPU task counts, chunk sizes; and the Arrow
+regrouping that gives a model whole batches (jobs.common.coalesce_batches)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from finelake.jobs.common import coalesce_batches
+from finelake.resources import MODEL_STAGE, Resources, chunk_size, gpu_tasks, plan_stage
+
+
+def test_resources_reject_contradictions():
+    assert MODEL_STAGE.uses_gpu and not Resources().uses_gpu
+    assert Resources(gpus=0.5).uses_gpu
+    with pytest.raises(ValueError, match="whole number"):
+        Resources(gpus=1.5)
+    with pytest.raises(ValueError, match="gpus"):
+        Resources(gpus=-1)
+    with pytest.raises(ValueError, match="cpus"):
+        Resources(gpus=1, cpus=0)
+
+
+def test_gpu_tasks_and_chunk_size():
+    assert gpu_tasks(executors=4, executor_gpus=8, task_gpus=1) == 32
+    assert gpu_tasks(executors=2, executor_gpus=1, task_gpus=0.5) == 4
+    assert gpu_tasks(executors=0, executor_gpus=1, task_gpus=1) == 1
+    with pytest.raises(ValueError):
+        gpu_tasks(1, 1, 0)
+    # 32 GPU tasks x 2048 prompts: chunks of 65,536 queries instead of 400 (164 per task).
+    assert chunk_size(400, 2048, 32) == 65536
+    # Documents with ~5 matches each: a fifth as many documents per chunk.
+    assert chunk_size(32, 2048, 32, prompts_per_key=5.0) == 13108
+    # Small clusters and batches keep the profile's chunk (commits stay small).
+    assert chunk_size(400, 8, 2) == 400
+    with pytest.raises(ValueError):
+        chunk_size(0, 8, 2)
+
+
+def test_plan_on_a_local_session_has_no_profile(spark):
+    plan = plan_stage(spark, MODEL_STAGE)
+    assert plan.profile is None
+    assert plan.tasks == spark.sparkContext.defaultParallelism
+    assert plan_stage(spark, Resources()).profile is None
+
+
+def _batches(sizes):
+    start = 0
+    for n in sizes:
+        yield pa.RecordBatch.from_pydict({"i": list(range(start, start + n))})
+        start += n
+
+
+def test_coalesce_batches_gives_whole_batches_in_order():
+    groups = list(coalesce_batches(_batches([3, 3, 0, 3, 5, 1]), 6))
+    assert [g.num_rows for g in groups] == [6, 8, 1]
+    assert sum((g.column("i").to_pylist() for g in groups), []) == list(range(15))
+    # Large batches pass through one by one; min_rows 0 never merges.
+    assert [g.num_rows for g in coalesce_batches(_batches([256, 256, 7]), 8)] == [256, 256, 7]
+    assert [g.num_rows for g in coalesce_batches(_batches([2, 2]), 0)] == [2, 2]

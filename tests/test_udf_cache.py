@@ -1,0 +1,90 @@
+"""udfs.cache: a Python worker holds one model at a time, closes the previous one before the next
+loads, pins the GPU a task was assigned, and logs loads / evictions as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from finelake.udfs import cache
+
+
+class Model:
+    """A model stand-in that records whether it was closed (the cache's only contract with it)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch, tmp_path):
+    cache.clear()
+    monkeypatch.setenv("FINELAKE_LOAD_LOG", str(tmp_path / "events.jsonl"))
+    yield tmp_path / "events.jsonl"
+    cache.clear()
+
+
+def test_second_model_closes_the_first(fresh_cache):
+    a = cache.get_or_load("generator", {"m": "a"}, lambda: Model("a"))
+    assert cache.get_or_load("generator", {"m": "a"}, lambda: Model("again")) is a  # cached
+    b = cache.get_or_load("embedder", {"m": "b"}, lambda: Model("b"))
+    assert a.closed and not b.closed
+    assert cache.resident() == [cache.cache_key("embedder", {"m": "b"})]
+    # Coming back to the first model loads it again (a worker holds only the current stage's).
+    a2 = cache.get_or_load("generator", {"m": "a"}, lambda: Model("a2"))
+    assert a2.name == "a2" and b.closed
+    events = [json.loads(line) for line in fresh_cache.read_text().splitlines()]
+    assert [(e["event"], e["kind"]) for e in events] == [
+        ("load", "generator"), ("evict", "generator"), ("load", "embedder"),
+        ("evict", "embedder"), ("load", "generator")]
+    assert max(e["resident"] for e in events) == 1
+    assert all(e["pid"] == os.getpid() and e["executor"] == "driver" for e in events)
+
+
+def test_helpers_do_not_evict_the_model():
+    m = cache.get_or_load("embedder", {"m": "e"}, lambda: Model("e"))
+    idx = cache.get_or_load("faiss_index", {"path": "/x"}, lambda: Model("index"), exclusive=False)
+    assert not m.closed and not idx.closed
+    assert cache.get_or_load("embedder", {"m": "e"}, lambda: Model("other")) is m
+    assert cache.resident() == [cache.cache_key("embedder", {"m": "e"})]
+
+
+def test_failed_load_caches_nothing_and_a_failing_close_is_not_fatal():
+    class Stubborn(Model):
+        def close(self):
+            raise RuntimeError("engine already gone")
+
+    cache.get_or_load("generator", {"m": "s"}, lambda: Stubborn("s"))
+
+    def boom():
+        raise ImportError("no engine")
+
+    with pytest.raises(ImportError):
+        cache.get_or_load("judge", {"m": "j"}, boom)
+    assert cache.resident() == []  # the previous model was released before the load failed
+    assert cache.get_or_load("judge", {"m": "j"}, lambda: Model("j")).name == "j"
+
+
+def test_pin_gpus_sets_the_visible_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cache.pin_gpus([])
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    cache.pin_gpus(["1"])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    cache.pin_gpus(["2", "3"])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert cache.task_gpus() == []  # outside a Spark task: nothing assigned
+
+
+def test_record_call_counts_prompts():
+    before = dict(cache.CALLS)
+    cache.record_call(5)
+    cache.record_call(3)
+    assert cache.CALLS["calls"] - before["calls"] == 2
+    assert cache.CALLS["prompts"] - before["prompts"] == 8
