@@ -77,6 +77,11 @@ def get_spark(cfg: FinelakeConfig):
     return spark
 
 
+def is_spark_connect(spark) -> bool:
+    """True for a Spark Connect session (no JVM in this process: ``pyspark.sql.connect``)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
 def _delta_classes_present(spark) -> bool:
     try:
         # spark.jars live in Spark's own class loader, not the JVM's system one: ask the thread's.
@@ -94,10 +99,17 @@ def delta_engine(cfg: FinelakeConfig, spark) -> str:
     """``"delta-spark"`` or ``"deltalake"`` for this session.
 
     Raises:
-        RuntimeError: the profile demands delta-spark and its classes are not on the classpath
-            (there is no silent fallback to another format).
+        RuntimeError: a Spark Connect session (said as such, not as a missing classpath), or the
+            profile demands delta-spark and its classes are not on the classpath (there is no
+            silent fallback to another format).
     """
     want = cfg.spark.delta
+    if is_spark_connect(spark):
+        raise RuntimeError(
+            "this is a Spark Connect session (Databricks serverless or standard/shared access "
+            "mode, or SPARK_REMOTE): finelake's stages need a classic Spark session (SparkContext "
+            "accumulators, addFile, Python-worker environment, GPU resources); run on a cluster in "
+            "dedicated (single-user) access mode, or unset SPARK_REMOTE")
     if want == "deltalake":
         return "deltalake"
     present = _delta_classes_present(spark)

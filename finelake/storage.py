@@ -19,7 +19,7 @@ import shutil
 import tempfile
 
 __all__ = ["is_uri", "join", "root", "hadoop_fs", "exists", "listdir", "read_text", "write_text", "put_dir",
-           "distribute", "local_copy"]
+           "distribute", "local_copy", "work_dir"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters or more: not a Windows drive
 
@@ -153,3 +153,22 @@ def local_copy(name_or_path: str, distributed: bool) -> str:
     from pyspark import SparkFiles
 
     return SparkFiles.get(name_or_path)
+
+
+def work_dir(dest: str, kind: str) -> str:
+    """A local folder to write what ends up at ``dest`` (checkpoints, a model, a report).
+
+    A plain path is used as is (created). For a URI (``dbfs:/...``, ``s3://...``) the files are
+    written locally first, under ``$FINELAKE_CACHE/<kind>/<last part of dest>``, and the caller
+    copies them to ``dest`` with :func:`put_dir` (never into a local folder literally named
+    ``dbfs:`` or ``s3:``).
+    """
+    if not is_uri(dest):
+        os.makedirs(dest, exist_ok=True)
+        return dest
+    from finelake.models.resolve import cache_dir
+
+    local = os.path.join(str(cache_dir()), kind, os.path.basename(dest.rstrip("/")))
+    os.makedirs(local, exist_ok=True)
+    return local
+

@@ -74,8 +74,8 @@ def run_compare(ctx: StageContext, out: Optional[str] = None) -> str:
     cfg = ctx.cfg
     cc = cfg.compare
     grid = parse_runs(cc.runs)
-    out = out or os.path.join(storage.root(cfg.lake), "_reports", f"compare-{ctx.run_id}")
-    os.makedirs(out, exist_ok=True)
+    dest = out or storage.join(storage.root(cfg.lake), "_reports", f"compare-{ctx.run_id}")
+    out = storage.work_dir(dest, "reports")  # local; copied to an object-store dest at the end
 
     tok = AutoTokenizer.from_pretrained(hf_path(cfg.tokenizer.model))
     totals, versions = {}, {}
@@ -118,6 +118,9 @@ def run_compare(ctx: StageContext, out: Optional[str] = None) -> str:
         mlflow.log_params({"budget_tokens": budget, "runs": ",".join(cc.runs),
                            **{f"tokens_available.{t}": n for t, n in totals.items()}})
         mlflow.log_artifacts(out, artifact_path="compare")
+    if storage.is_uri(dest):
+        storage.put_dir(ctx.spark, out, dest, last="compare.md")
+        path = storage.join(dest, "compare.md")
     return path
 
 

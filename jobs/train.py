@@ -405,8 +405,11 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
     log.info("train %s: %s@v%d, %d examples, %d tokens (of %d; budget %s)", method, table,
              ts.version, len(ts.examples), ts.tokens, ts.tokens_available, budget)
 
-    out_dir = Path(tc.output_dir or os.path.join(storage.root(cfg.lake), "_models")) / \
-        f"{ctx.run_id}_{table}_{method}"
+    # Checkpoints and the model are written locally; an object-store destination (dbfs:/, s3://)
+    # gets the final model through the lake's storage layer.
+    dest = storage.join(tc.output_dir or storage.join(storage.root(cfg.lake), "_models"),
+                        f"{ctx.run_id}_{table}_{method}")
+    out_dir = Path(storage.work_dir(dest, "train"))
     precision = _precision(tc, torch)
     n_steps = max_steps if max_steps is not None else tc.max_steps
     n_epochs = epochs if epochs is not None else tc.epochs
@@ -473,6 +476,9 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
                     "mlflow_run_id": run.info.run_id if run else None, "train_tokens": train_tokens,
                     "lora_merged": method == "lora" and tc.lora.merge}
             (model_dir / TRAIN_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            if storage.is_uri(dest):
+                storage.put_dir(ctx.spark, str(model_dir), storage.join(dest, "model"),
+                                last=TRAIN_META)
         model_uri = None
         if run is not None:
             mlflow.log_metrics(final)
@@ -496,7 +502,7 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
                         "tokens_per_s": round(final["tokens_per_s"], 1),
                         "train_loss": round(final["train_loss"], 4),
                         "mlflow_run_id": run.info.run_id if run else None, "model_uri": model_uri,
-                        "model_dir": str(model_dir)})
+                        "model_dir": str(model_dir), "model_dest": storage.join(dest, "model")})
     return stats.finish()
 
 
