@@ -243,6 +243,12 @@ def run_validate(profile: str, overrides: Optional[list[str]] = None, lake: Opti
         opts = ", ".join(f"{k}={v!r}" for k, v in shown.items()) or "no options"
         judge = f"{s['judge']} judge over " if "judge" in s else ""
         lines.append(f"{key}: {judge}{s['backend']} {s['model']} ({opts})")
+    from finelake.config import hub_model_ids
+
+    hub = hub_model_ids(cfg)
+    lines.append("hub: " + (f"{len(hub)} model(s) fetched from the Hugging Face hub or its cache "
+                            f"({', '.join(hub)})" if hub else "none needed (HF_HUB_OFFLINE=1 is set "
+                            "by the CLI)"))
     problems = spark_conf_problems(cfg)
     spark = spark if spark is not None else active_session()
     if spark is None:
