@@ -14,7 +14,7 @@ no AWS call, no Spark session. ``finelake emr-steps`` prints :func:`emr_steps` a
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from finelake.config import ConfigError, FinelakeConfig
 from finelake.jobs.pipeline import STAGES as _MODEL_AND_BUDGET_STAGES
@@ -37,6 +37,12 @@ EMR_DELTA_JARS: tuple[str, ...] = (
 #: launcher script (``from finelake.cli import main; main()``) on every node.
 EMR_PYTHON = "/opt/finelake/venv/bin/python"
 EMR_LAUNCHER = "/opt/finelake/finelake_job.py"
+
+#: Environment of the executors (``spark.executorEnv.*``; a profile's own entries win): the Hugging
+#: Face cache and token folder the bootstrap action made (``HF_HOME``, token from Secrets Manager),
+#: and hub downloads allowed (the finelake command line defaults to ``HF_HUB_OFFLINE=1``; the
+#: launcher sets the same two for the driver).
+EMR_EXECUTOR_ENV = {"HF_HOME": "/opt/finelake/hf", "HF_HUB_OFFLINE": "0"}
 
 #: EMR's ``ActionOnFailure`` values for a pipeline step (the API also knows ``TERMINATE_JOB_FLOW``).
 ACTIONS_ON_FAILURE = ("CANCEL_AND_WAIT", "CONTINUE", "TERMINATE_CLUSTER", "TERMINATE_JOB_FLOW")
@@ -89,7 +95,8 @@ def task_args(task: str, *, profile: str, run_id: str, lake: Optional[str] = Non
 def spark_submit_args(cfg: FinelakeConfig, *, python: str = EMR_PYTHON,
                       delta_jars: Sequence[str] = EMR_DELTA_JARS, wheel: Optional[str] = None,
                       deploy_mode: str = "client", name: Optional[str] = None,
-                      master: str = "yarn") -> list[str]:
+                      master: str = "yarn",
+                      executor_env: Optional[Mapping[str, str]] = None) -> list[str]:
     """``spark-submit`` options (up to, not including, the application file) for a YARN cluster.
 
     * ``--jars`` and ``--py-files``: the cluster's Delta jars (the JVM classes and the ``delta``
@@ -97,6 +104,7 @@ def spark_submit_args(cfg: FinelakeConfig, *, python: str = EMR_PYTHON,
       comes first on the driver's and the executors' ``PYTHONPATH`` (its dependencies must be in
       the bootstrap virtualenv already).
     * ``spark.pyspark.python`` / ``spark.pyspark.driver.python``: the bootstrap virtualenv.
+    * ``executor_env`` as ``spark.executorEnv.*`` (the profile's ``spark.conf`` overrides them).
     * every ``spark.conf`` entry of the profile as ``--conf k=v`` (sorted): the GPU resource
       settings (``spark.executor.resource.gpu.amount``, ``spark.task.resource.gpu.amount``, the
       discovery script), the Delta SQL extension and catalog, Arrow batch sizes. finelake's session
@@ -112,6 +120,8 @@ def spark_submit_args(cfg: FinelakeConfig, *, python: str = EMR_PYTHON,
             step's stdout log) or ``cluster``.
         name: ``--name`` of the Spark application.
         master: ``--master`` (``yarn`` on EMR; ``local[2]`` runs the same step on one machine).
+        executor_env: environment variables of the executors (default none; :func:`emr_steps`
+            passes :data:`EMR_EXECUTOR_ENV`).
 
     Returns:
         The argument list, starting with ``spark-submit``.
@@ -123,7 +133,8 @@ def spark_submit_args(cfg: FinelakeConfig, *, python: str = EMR_PYTHON,
     """
     if deploy_mode not in ("client", "cluster"):
         raise ConfigError(f"deploy mode must be client or cluster, not {deploy_mode!r}")
-    conf = dict(cfg.spark.conf)
+    conf = {f"spark.executorEnv.{k}": v for k, v in (executor_env or {}).items()}
+    conf.update(cfg.spark.conf)
     for key in ("spark.pyspark.python", "spark.pyspark.driver.python"):
         if conf.get(key, python) != python:
             raise ConfigError(f"spark.conf.{key} is {conf[key]!r} but the EMR steps run the "
@@ -149,6 +160,7 @@ def emr_steps(cfg: FinelakeConfig, *, profile: str, run_id: str, wheel: Optional
               max_documents: Optional[int] = None, python: str = EMR_PYTHON,
               launcher: str = EMR_LAUNCHER, delta_jars: Sequence[str] = EMR_DELTA_JARS,
               deploy_mode: str = "client", master: str = "yarn",
+              executor_env: Optional[Mapping[str, str]] = None,
               action_on_failure: str = "CANCEL_AND_WAIT") -> list[dict]:
     """The steps of one pipeline run, as the ``Steps`` list of EMR's ``AddJobFlowSteps``.
 
@@ -167,6 +179,7 @@ def emr_steps(cfg: FinelakeConfig, *, profile: str, run_id: str, wheel: Optional
         lake, overrides, queries, documents, max_queries, max_documents: see :func:`task_args`.
         python, launcher: the bootstrap virtualenv's interpreter and launcher script.
         delta_jars, deploy_mode, master: see :func:`spark_submit_args`.
+        executor_env: executors' environment (None: :data:`EMR_EXECUTOR_ENV`).
         action_on_failure: one of :data:`ACTIONS_ON_FAILURE`.
 
     Returns:
@@ -196,7 +209,8 @@ def emr_steps(cfg: FinelakeConfig, *, profile: str, run_id: str, wheel: Optional
         name = f"finelake {run_id} {i}/{len(tasks)} {task}"
         submit = spark_submit_args(cfg, python=python, delta_jars=delta_jars, wheel=wheel,
                                    deploy_mode=deploy_mode, name=f"finelake-{task}-{run_id}",
-                                   master=master)
+                                   master=master,
+                                   executor_env=EMR_EXECUTOR_ENV if executor_env is None else executor_env)
         args = task_args(task, profile=profile, run_id=run_id, lake=lake, overrides=overrides,
                          queries=queries, documents=documents, max_queries=max_queries,
                          max_documents=max_documents)

@@ -131,6 +131,9 @@ def test_steps_carry_the_profile_spark_conf_delta_jars_and_the_wheel():
         for k, v in cfg.spark.conf.items():
             assert confs[k] == v, k
         assert confs["spark.pyspark.python"] == deploy.EMR_PYTHON
+        hf_home = str(Path(deploy.EMR_LAUNCHER).parent / "hf")  # made by the bootstrap action
+        assert confs["spark.executorEnv.HF_HOME"] == hf_home
+        assert confs["spark.executorEnv.HF_HUB_OFFLINE"] == "0"
         assert confs["spark.pyspark.driver.python"] == deploy.EMR_PYTHON
         args = s["HadoopJarStep"]["Args"]
         jars = args[args.index("--jars") + 1].split(",")
@@ -170,3 +173,4 @@ def test_bootstrap_script_is_valid_bash_and_makes_what_the_steps_use():
     assert f'HOME_DIR="${{FINELAKE_HOME:-{home}}}"' in text
     assert deploy.EMR_PYTHON == f"{home}/venv/bin/python" and '"$PY" -m venv "$HOME_DIR/venv"' in text
     assert f'cat > "$HOME_DIR/{Path(deploy.EMR_LAUNCHER).name}"' in text
+    assert 'mkdir -p "$HOME_DIR/hf"' in text and 'os.environ.setdefault("HF_HOME", "$HOME_DIR/hf")' in text

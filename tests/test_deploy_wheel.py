@@ -68,7 +68,8 @@ def test_wheel_alone_runs_the_emr_ingest_step_under_spark_submit(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "VIRTUAL_ENV")}
     _run(["bash", ROOT / "deploy" / "emr" / "bootstrap.sh", wheel, ""],
-         env={**env, "FINELAKE_HOME": str(home), "FINELAKE_PYTHON": sys.executable}, cwd=tmp_path)
+         env={**env, "FINELAKE_HOME": str(home), "FINELAKE_PYTHON": sys.executable,
+              "PIP_NO_COMPILE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}, cwd=tmp_path)
     python = home / "venv" / "bin" / "python"
     launcher = home / Path(deploy.EMR_LAUNCHER).name
     probe = _run([python, "-I", "-c", "import importlib.util as u, finelake; "
@@ -89,7 +90,8 @@ def test_wheel_alone_runs_the_emr_ingest_step_under_spark_submit(tmp_path):
     (step,) = deploy.emr_steps(cfg, profile="local", run_id=RUN_ID, tasks=["ingest"],
                                lake=str(lake), overrides=overrides, documents=str(docs),
                                python=str(python), launcher=str(launcher), delta_jars=jars,
-                               master="local[2]")
+                               master="local[2]",
+                               executor_env={"HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "0"})
     args = step["HadoopJarStep"]["Args"]
     assert args[0] == "spark-submit"
     run_env = {**env, "SPARK_HOME": str(spark_home), "PYSPARK_PYTHON": str(python),

@@ -6,12 +6,18 @@
 #   /opt/finelake/venv/             Python 3.11 virtualenv with the finelake wheel, its
 #                                   dependencies and the extras named below
 #   /opt/finelake/finelake_job.py   launcher: spark-submit /opt/finelake/finelake_job.py <task> ...
+#   /opt/finelake/hf/               Hugging Face cache (HF_HOME of the driver and the executors,
+#                                   writable by the YARN containers' user) and, with $3, its token
 #
 # Arguments (Args of the bootstrap action):
 #   $1  the wheel, an s3:// URI (or a local path / https URL pip can install)
 #   $2  optional: the wheel's extras, comma-separated (default "cluster": transformers,
 #       sentence-transformers, FAISS, vLLM, matplotlib; see setup.py); "" installs the wheel and
 #       its base requirements only.
+#   $3  optional: a Secrets Manager secret id whose string is a Hugging Face token, for the gated
+#       models of the emr profile (meta-llama tokenizer, Flow Judge); the instance profile must be
+#       allowed secretsmanager:GetSecretValue on it. The token is written to $HOME_DIR/hf/token,
+#       readable by the node's users (the YARN containers run as another user than this script).
 #
 #   aws emr create-cluster ... --bootstrap-actions \
 #     Path=s3://BUCKET/finelake/bootstrap.sh,Args=[s3://BUCKET/finelake/finelake-0.1.0-py3-none-any.whl]
@@ -22,6 +28,7 @@ set -euo pipefail
 
 WHEEL="${1:?usage: bootstrap.sh s3://.../finelake-<version>-py3-none-any.whl [extras]}"
 EXTRAS="${2-cluster}"
+HF_SECRET="${3:-}"
 PY="${FINELAKE_PYTHON:-python3.11}"
 HOME_DIR="${FINELAKE_HOME:-/opt/finelake}"
 
@@ -53,9 +60,23 @@ esac
 # the driver's and executors' PYTHONPATH, and the steps put EMR's delta-spark.jar on --py-files.
 "$HOME_DIR/venv/bin/pip" install -q "${LOCAL_WHEEL}${EXTRAS:+[$EXTRAS]}"
 
-cat > "$HOME_DIR/finelake_job.py" <<'PY'
-"""spark-submit /opt/finelake/finelake_job.py <task> [options]: the finelake command line."""
-from finelake.cli import main
+mkdir -p "$HOME_DIR/hf"
+chmod 1777 "$HOME_DIR/hf"
+if [ -n "$HF_SECRET" ]; then
+  ( umask 022 && aws secretsmanager get-secret-value --secret-id "$HF_SECRET" \
+      --query SecretString --output text > "$HOME_DIR/hf/token" )
+fi
+
+cat > "$HOME_DIR/finelake_job.py" <<PY
+"""spark-submit $HOME_DIR/finelake_job.py <task> [options]: the finelake command line."""
+import os
+
+# The driver's Hugging Face cache and token; models come from the hub (the command line's default
+# is offline). The executors get the same through spark.executorEnv (finelake emr-steps).
+os.environ.setdefault("HF_HOME", "$HOME_DIR/hf")
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+
+from finelake.cli import main  # noqa: E402
 
 main()
 PY
