@@ -3,7 +3,8 @@
 The wheel is built with ``python -m build``; ``deploy/emr/bootstrap.sh`` (the EMR bootstrap action)
 installs it, with nothing but its declared requirements, into a fresh virtualenv and writes the
 launcher; the ingest step that :func:`finelake.deploy.emr_steps` generates is then run as is, with
-``--master local[2]`` and this machine's Delta jars in place of YARN and EMR's. pyspark is not in
+``--master local[2]`` and this machine's Delta jars in place of YARN and EMR's; the interpreter is the
+one the step's ``spark.pyspark.python`` settings name. pyspark is not in
 that virtualenv (as on a cluster): spark-submit puts its own pyspark and py4j on the driver's and the
 executors' PYTHONPATH, and the Delta Python API comes from the delta-spark jar on ``--py-files``.
 """
@@ -94,8 +95,9 @@ def test_wheel_alone_runs_the_emr_ingest_step_under_spark_submit(tmp_path):
                                executor_env={"HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "0"})
     args = step["HadoopJarStep"]["Args"]
     assert args[0] == "spark-submit"
-    run_env = {**env, "SPARK_HOME": str(spark_home), "PYSPARK_PYTHON": str(python),
-               "PYSPARK_DRIVER_PYTHON": str(python)}
+    # No PYSPARK_PYTHON / PYSPARK_DRIVER_PYTHON: the step's own spark.pyspark.* settings must pick
+    # the wheel's virtualenv (any other python3 here has no finelake and would fail the step).
+    run_env = {**env, "SPARK_HOME": str(spark_home)}
     res = _run([spark_submit, *args[1:]], env=run_env, cwd=tmp_path, timeout=540)
 
     # 5. what it wrote: the summary line's count is the Delta table's, written by Spark's Delta
