@@ -361,6 +361,24 @@ class FinelakeConfig(_Strict):
 # ----------------------------------------------------------------------------- loading
 
 
+def catalog_location_problem(cfg: FinelakeConfig) -> Optional[str]:
+    """Why Unity Catalog would refuse this profile's tables, or None.
+
+    Every stage registers its tables as ``CREATE TABLE ... LOCATION '<lake>/<name>'``; Unity
+    Catalog does not allow a table's location inside a Volume (``/Volumes/...``,
+    ``dbfs:/Volumes/...``), so with ``catalog.catalog`` set the lake must be an external location
+    (``s3://``, ``abfss://``, ``gs://``) or a path outside Volumes. A Volume is the place for the
+    FAISS index (``index.path``), inputs and reports.
+    """
+    lake = cfg.lake[len("dbfs:"):] if cfg.lake.startswith("dbfs:") else cfg.lake
+    if cfg.catalog.catalog and lake.startswith("/Volumes/"):
+        return (f"lake: {cfg.lake} is inside a Unity Catalog Volume, where Unity Catalog does not "
+                f"allow tables (catalog.catalog is {cfg.catalog.catalog!r}); put the lake at an "
+                "external location (s3://..., abfss://..., gs://...) and keep index.path on the "
+                "Volume")
+    return None
+
+
 def profile_path(profile: str | os.PathLike) -> Path:
     """Resolve a profile to a file.
 
@@ -527,6 +545,9 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
             origin = " (from --set)" if key in overridden else _origin(files, err["loc"])
             problems.append(f"{key}{origin}: {msg}")
         raise ConfigError(f"{where}: invalid configuration: " + "; ".join(problems)) from None
+    problem = catalog_location_problem(cfg)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     if check_models:
         from finelake.validate import check_backends
 

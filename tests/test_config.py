@@ -70,7 +70,7 @@ def test_cluster_profiles_keep_their_differences():
     assert dbx.spark.conf["spark.sql.shuffle.partitions"] == "auto"
     assert emr.spark.conf["spark.sql.shuffle.partitions"] == "200"
     assert "spark.sql.extensions" not in dbx.spark.conf
-    assert dbx.index.path == "/Volumes/main/finelake/lake/_index" and emr.index.path is None
+    assert dbx.index.path == "/Volumes/main/finelake/work/_index" and emr.index.path is None
     assert (dbx.train.mlflow.registry_uri, emr.train.mlflow.registry_uri) == ("databricks-uc", None)
     # shared values come from the base
     assert dbx.models.generator == emr.models.generator
@@ -171,3 +171,13 @@ def test_cli_forces_hub_offline_only_without_hub_models(profile, offline, tmp_pa
     r = CliRunner().invoke(cli, ["tables", "--conf", profile, "--lake", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert os.environ.get("HF_HUB_OFFLINE") == offline
+
+
+def test_a_unity_catalog_lake_inside_a_volume_is_refused_where_the_profile_loads():
+    """UC allows no table inside a Volume; every stage registers its tables at <lake>/<name>."""
+    for lake in ("dbfs:/Volumes/main/finelake/lake", "/Volumes/main/finelake/lake"):
+        with pytest.raises(ConfigError, match=r"lake: .* inside a Unity Catalog Volume.*external location"):
+            load_config("databricks", lake=lake)
+    # the session catalog (no catalog.catalog) may use any path, and an external location is fine
+    assert load_config("databricks", ["catalog.catalog=null"], lake="/Volumes/x/y/z").lake == "/Volumes/x/y/z"
+    assert load_config("databricks", lake="abfss://c@a.dfs.core.windows.net/lake").catalog.catalog == "main"
