@@ -12,9 +12,12 @@ from hypothesis import strategies as st
 from finelake.method.budget import (
     BudgetState,
     LedgerRow,
+    apply_bucketed_budget,
     apply_token_budget,
+    budget_bucket,
     budget_order_key,
     format_pair,
+    walk_bucket,
 )
 
 
@@ -141,3 +144,79 @@ def test_budget_invariants(raw, seed):
         carry = row.carry_out
     # no budget is lost: what was not used is still carried
     assert carry == sum(t for _, t, _ in docs) - sum(tokens[p] for p in kept)
+
+
+# ----------------------------------------------------------------------------- bucketed walk
+
+
+def test_budget_bucket_is_a_fixed_spread_of_ids():
+    ids = [f"doc{i}" for i in range(4000)]
+    got = [budget_bucket(d, 8) for d in ids]
+    assert got == [budget_bucket(d, 8) for d in ids] and set(got) == set(range(8))
+    counts = [got.count(b) for b in range(8)]
+    assert max(counts) - min(counts) < 150  # 500 expected each, sd ~21
+    assert {budget_bucket(d, 1) for d in ids} == {0}
+    with pytest.raises(ValueError):
+        budget_bucket("d", 0)
+
+
+def _random_docs(rng, n):
+    return [(f"d{i}", rng.randint(0, 300), [(f"d{i}p{j}", rng.randint(10, 150))
+                                            for j in range(rng.randint(0, 6))]) for i in range(n)]
+
+
+def test_one_bucket_is_exactly_the_single_walk_in_hashed_order():
+    docs = _random_docs(random.Random(11), 60)
+    ordered = sorted(docs, key=lambda d: (budget_order_key(d[0], 4), d[0]))
+    kept, ledger = apply_token_budget(ordered, seed=4)
+    got = apply_bucketed_budget(list(reversed(docs)), 1, seed=4)
+    assert list(got) == [0]
+    assert [k for ks, _ in got[0] for k in ks] == kept and [r for _, r in got[0]] == ledger
+
+
+def test_buckets_are_independent_and_resume_from_their_own_carry():
+    docs = _random_docs(random.Random(12), 80)
+    whole = apply_bucketed_budget(docs, 4, seed=1)
+    for b, walked in whole.items():
+        mine = [d for d in docs if budget_bucket(d[0], 4) == b]
+        assert walk_bucket(mine, seed=1) == walked  # other buckets' documents change nothing
+        # a later run continues the bucket from its last ledger row
+        first, rest = mine[:len(mine) // 2], mine[len(mine) // 2:]
+        done = walk_bucket(first, seed=1)
+        last = done[-1][1]
+        resumed = walk_bucket(rest, seed=1, carry=last.carry_out, position=last.budget_order + 1)
+        assert [r.budget_order for _, r in done + resumed] == list(range(len(mine)))
+        assert resumed[0][1].carry_in == last.carry_out
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=docs_strategy, buckets=st.integers(1, 6), seed=st.integers(0, 1000),
+       starts=st.dictionaries(st.integers(0, 5), st.tuples(st.integers(0, 300), st.integers(0, 50))))
+def test_bucketed_budget_invariants(raw, buckets, seed, starts):
+    docs = [(f"d{i}", t, [(f"d{i}p{j}", n) for j, n in enumerate(pairs)]) for i, (t, pairs) in enumerate(raw)]
+    tokens = {p: n for _, _, pairs in docs for p, n in pairs}
+    doc_tokens = {d: t for d, t, _ in docs}
+    got = apply_bucketed_budget(docs, buckets, seed=seed, starts=starts)
+    assert sorted(r.doc_id for w in got.values() for _, r in w) == sorted(doc_tokens)
+    all_kept = [k for w in got.values() for ks, _ in w for k in ks]
+    assert len(all_kept) == len(set(all_kept)) and set(all_kept) <= set(tokens)
+    total_used = total_allowed = 0
+    for b, walked in got.items():
+        carry0, pos0 = starts.get(b, (0, 0))
+        carry, used, allowed = carry0, 0, carry0
+        for i, (kept, row) in enumerate(walked):
+            assert budget_bucket(row.doc_id, buckets) == b and row.budget_order == pos0 + i
+            assert row.carry_in == carry and row.doc_tokens == doc_tokens[row.doc_id]
+            assert set(kept) <= {p for p in tokens if p.startswith(row.doc_id + "p")}
+            row_used = sum(tokens[k] for k in kept)
+            assert row.used_tokens == row_used <= row.doc_tokens + row.carry_in  # per document
+            used += row_used
+            allowed += row.doc_tokens
+            assert used <= allowed  # per bucket, every prefix: pair tokens <= doc tokens + carry in
+            carry = row.carry_out
+        assert carry == allowed - used  # nothing lost within the bucket
+        keys = [(budget_order_key(r.doc_id, seed), r.doc_id) for _, r in walked]
+        assert keys == sorted(keys)  # the fixed hashed order
+        total_used, total_allowed = total_used + used, total_allowed + allowed
+    assert total_used <= total_allowed  # overall
+    assert total_used == sum(tokens[k] for k in all_kept)

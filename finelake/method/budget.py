@@ -162,3 +162,72 @@ def apply_token_budget(docs: Iterable[tuple[str, int, Sequence[tuple[str, int]]]
         kept_all.extend(kept)
         ledger.append(row)
     return kept_all, ledger
+
+
+# ----------------------------------------------------------------------------- bucketed walk
+
+
+def budget_bucket(doc_id: str, buckets: int) -> int:
+    """The walk a document belongs to when the budget runs as ``buckets`` independent walks (§4.2).
+
+    ``stable_seed("budget-bucket", doc_id) % buckets``: a fixed function of the id alone
+    (independent of the seed, the order key and the run), so a document never changes bucket.
+
+    Raises:
+        ValueError: ``buckets < 1``.
+    """
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+    return stable_seed("budget-bucket", doc_id) % buckets
+
+
+def walk_bucket(docs: Iterable[tuple[str, int, Sequence[tuple[str, int]]]], seed: int = 0,
+                carry: int = 0, position: int = 0,
+                max_carry: Optional[int] = None) -> list[tuple[list[str], LedgerRow]]:
+    """One bucket's walk (§4.2): its documents sorted by ``(budget_order_key(doc_id, seed),
+    doc_id)`` whatever order they come in, then walked with one carry from ``carry`` (the
+    bucket's last ``carry_out``, 0 for a new bucket) and positions from ``position``.
+
+    Args:
+        docs: ``(doc_id, doc_tokens, [(pair_id, num_tokens), ...])`` of one bucket, any order.
+
+    Returns:
+        ``(kept pair ids, ledger row)`` per document, in walk order; ``budget_order`` is the
+        position within the bucket.
+
+    Raises:
+        ValueError: see :meth:`BudgetState.step`.
+    """
+    state = BudgetState(seed=seed, carry=carry, position=position, max_carry=max_carry)
+    ordered = sorted(docs, key=lambda d: (budget_order_key(d[0], seed), d[0]))
+    return [state.step(doc_id, doc_tokens, pairs) for doc_id, doc_tokens, pairs in ordered]
+
+
+def apply_bucketed_budget(docs: Iterable[tuple[str, int, Sequence[tuple[str, int]]]], buckets: int,
+                          seed: int = 0, starts: Optional[dict[int, tuple[int, int]]] = None,
+                          max_carry: Optional[int] = None
+                          ) -> dict[int, list[tuple[list[str], LedgerRow]]]:
+    """The budget as ``buckets`` independent walks (§4.2): each document goes to
+    :func:`budget_bucket`, each bucket is walked by :func:`walk_bucket` with its own carry.
+
+    ``buckets=1`` is exactly :func:`apply_token_budget` over the documents sorted by
+    :func:`budget_order_key`. Within every bucket the walk's invariant holds (tokens kept over
+    the bucket's first i documents <= their doc tokens + the bucket's starting carry), hence
+    overall too.
+
+    Args:
+        docs: ``(doc_id, doc_tokens, [(pair_id, num_tokens), ...])``, any order.
+        starts: ``{bucket: (carry, position)}`` to continue earlier walks (missing: ``(0, 0)``).
+
+    Returns:
+        ``{bucket: [(kept pair ids, ledger row), ...]}`` for every bucket that got a document.
+
+    Raises:
+        ValueError: ``buckets < 1``; see :meth:`BudgetState.step`.
+    """
+    by_bucket: dict[int, list] = {}
+    for d in docs:
+        by_bucket.setdefault(budget_bucket(d[0], buckets), []).append(d)
+    starts = starts or {}
+    return {b: walk_bucket(ds, seed, *starts.get(b, (0, 0)), max_carry=max_carry)
+            for b, ds in sorted(by_bucket.items())}
