@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 import pyarrow as pa
 
 from finelake.config import ModelConfig
+from finelake.progress import Progress
 from finelake.runtime import FinelakeError, StageContext
 from finelake.tables import TableDef
 
@@ -118,19 +119,22 @@ def commit_in_chunks(ctx: StageContext, stage: str, tdef: TableDef, pending, key
     n_chunks = max(1, -(-n_scope // max(1, chunk_size)))
     par = plan.tasks if plan is not None else ctx.spark.sparkContext.defaultParallelism
     bucketed = pending.withColumn("_chunk", F.abs(F.xxhash64(key)) % F.lit(n_chunks))
-    todo = sorted(r["_chunk"] for r in bucketed.select("_chunk").distinct().collect())
-    for done, c in enumerate(todo, start=1):
-        part = (spread(bucketed.where(F.col("_chunk") == c).drop("_chunk"), key, par)
-                .sortWithinPartitions(key, *order))
-        if plan is not None:
-            from finelake.resources import model_worker_pool
+    sizes = {r["_chunk"]: r["count"] for r in bucketed.groupBy("_chunk").count().collect()}
+    todo = sorted(sizes)
+    with Progress(stage, sum(sizes.values()), unit="rows") as progress:
+        for done, c in enumerate(todo, start=1):
+            part = (spread(bucketed.where(F.col("_chunk") == c).drop("_chunk"), key, par)
+                    .sortWithinPartitions(key, *order))
+            if plan is not None:
+                from finelake.resources import model_worker_pool
 
-            with model_worker_pool(ctx.spark):
+                with model_worker_pool(ctx.spark):
+                    out = transform(part)
+            else:
                 out = transform(part)
-        else:
-            out = transform(part)
-        ctx.lake.merge(tdef, out, ctx.run_id, **merge_kwargs)
-        fail_point(stage, done)
+            ctx.lake.merge(tdef, out, ctx.run_id, **merge_kwargs)
+            progress.update(sizes[c])
+            fail_point(stage, done)
     return len(todo)
 
 
