@@ -213,10 +213,16 @@ class VLLMGenerator(GenerationBackend):
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run the batch in one ``LLM.chat`` call.
 
+        Every prompt is first measured in the engine's tokenizer (chat template applied): one
+        that leaves no room in ``max_model_len`` is refused (``error`` = ``prompt_too_long: ...``)
+        before the batch is built, and ``max_tokens`` is cut to the room left (:func:`fit_request`),
+        so one long prompt cannot make vLLM reject the whole batch.
+
         Returns:
             One result per request, same order: vLLM's text, prompt / completion token counts
             (end-of-sequence token left out), finish reason (``stop``, ``length``). A request
-            that fails validation or makes the batch call fail gets ``error``; never raises for it.
+            that is too long, fails validation or makes the batch call fail gets ``error``; never
+            raises for it. :attr:`stats` counts engine calls, prompts, refusals and replays.
         """
         results: list[Optional[GenerationResult]] = [None] * len(requests)
         ok: list[tuple[int, GenerationRequest]] = []
