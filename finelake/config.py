@@ -158,6 +158,11 @@ class JudgeConfig(_Strict):
 
 class BudgetConfig(_Strict):
     seed: int = 0
+    buckets: int = Field(1, ge=1, description="Independent budget walks (§4.2), a document's by "
+                         "a hash of its id (finelake.method.budget.budget_bucket); each runs on an "
+                         "executor with its own carry. 1 is the single walk of the paper. Fixed "
+                         "for a lake: budget refuses a value other than the one its ledger was "
+                         "walked with.")
     on_ungrounded: Literal["quarantine", "fail"] = Field(
         "quarantine", description="A judged pair whose answer fails the grounding check against "
         "its own document (instantiate.min_excerpt_ratio, grounding_min_run_chars) never reaches "

@@ -308,6 +308,36 @@ class Lake:
                               description=tdef.description,
                               partition_by=list(tdef.partition_by) or None)
 
+    def add_missing_columns(self, tdef: TableDef) -> list[str]:
+        """Add the declared columns an existing table lacks (a lake written before they were
+        declared), as nullable columns: old rows read them as null. A metadata-only commit, made
+        once; a no-op when the table is missing or complete.
+
+        Returns:
+            The names of the columns added.
+        """
+        if not self.exists(tdef):
+            return []
+        if self.engine == "delta-spark":
+            from pyspark.sql.pandas.types import from_arrow_schema
+
+            have = set(self.read(tdef).columns)
+            fields = [f for f in from_arrow_schema(tdef.schema).fields if f.name not in have]
+            if fields:
+                cols = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in fields)
+                loc = self.path(tdef).replace("`", "``")
+                self.spark.sql(f"ALTER TABLE delta.`{loc}` ADD COLUMNS ({cols})")
+            return [f.name for f in fields]
+        from deltalake import DeltaTable, Field, Schema
+
+        dt = DeltaTable(self.path(tdef))
+        have = set(pa.schema(dt.schema().to_arrow()).names)
+        missing = [f for f in tdef.schema if f.name not in have]
+        if missing:
+            new = Schema.from_arrow(pa.schema(missing))
+            dt.alter.add_columns([Field(f.name, f.type, nullable=True) for f in new.fields])
+        return [f.name for f in missing]
+
     # -- writes
     def merge(self, tdef: TableDef, rows, run_id: str, update: bool = False,
               update_when: Optional[str] = None) -> MergeResult:

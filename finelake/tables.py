@@ -150,9 +150,12 @@ BUDGET_LEDGER = TableDef(
     "budget_ledger",
     _schema(("doc_id", S), ("budget_order", I64), ("doc_tokens", I64), ("carry_in", I64),
             ("used_tokens", I64), ("carry_out", I64), ("candidates", I32), ("kept", I32),
-            ("dropped_over_budget", I32), *LINEAGE),
+            ("dropped_over_budget", I32), ("bucket", I32), ("buckets", I32),
+            ("kept_pair_ids", pa.list_(S)), *LINEAGE),
     key=("doc_id",),
-    description="Per-document token budget accounting with rollover (§4.2).",
+    description="Per-document token budget accounting with rollover (§4.2): the walk (bucket of "
+                "buckets, budget_order within it) and the ids of the pairs it kept, from which "
+                "pairs is derived.",
 )
 
 CONTINUATIONS = TableDef(

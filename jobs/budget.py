@@ -1,11 +1,30 @@
 """budget: judged pairs -> ``pairs`` and ``budget_ledger`` (§4.2 and its footnote).
 
-Per document, in a deterministic order (:func:`finelake.method.budget.budget_order_key`), a seeded
-random subset of its kept (judged >= min score) pairs is taken whose total tokens — counted on the
-formatted text ``Instruction: {instruction}\\n\\nAnswer: {answer}`` with the training tokenizer —
-do not exceed the document's own token count plus the budget earlier documents left unused. The
-walk is incremental: documents already in ``budget_ledger`` keep their rows, new ready documents
-continue the walk from the last carry, so reruns change nothing and later runs extend it.
+Per document, a seeded random subset of its kept (judged >= min score) pairs is taken whose total
+tokens — counted on the formatted text ``Instruction: {instruction}\\n\\nAnswer: {answer}`` with the
+training tokenizer — do not exceed the document's own token count plus the budget earlier
+documents of its walk left unused.
+
+The walk runs on the executors as ``budget.buckets`` (B) independent walks: a document belongs to
+bucket :func:`finelake.method.budget.budget_bucket` (a hash of its id modulo B) and each bucket is
+walked sequentially, with its own carry, in the fixed hashed order
+(:func:`finelake.method.budget.budget_order_key`; ``budget_order`` is the position within the
+bucket). Nothing per pair reaches the driver, only per-bucket totals. B=1 is the single walk of
+the paper. The invariant (pair tokens <= document tokens + carry in) holds per bucket, hence
+overall.
+
+Incremental runs: the ledger is append-only. A run walks the documents that became ready since
+the last run; each bucket continues from its own last ledger row (its ``carry_out``, position + 1),
+so rollover is never reset and never moves between buckets. Which documents a run walks depends on
+what was ready when it ran; within a run the order depends only on the document ids, so reruns
+and a killed-then-resumed run give the same rows as an uninterrupted one. B is fixed per lake
+(budget refuses another value: the carries cannot be split or merged). A ledger written before
+buckets existed gets the new columns added (null): its rows are the single walk, bucket 0 of 1.
+
+Writes: first the ledger rows, each with ``kept_pair_ids``, in one commit; then ``pairs`` is
+derived from the ledger: every kept id that ``pairs`` lacks (this run's, and any left by a run
+killed between the two writes) is written. So ``pairs`` is always a subset of the ledger's kept
+pairs, and equal to it after any completed run.
 
 Before the walk every kept pair is checked against its own document with the tag-blind grounding
 rule (:func:`finelake.method.excerpts.grounding_failure`: >= ``instantiate.min_excerpt_ratio`` of
@@ -16,8 +35,7 @@ written to ``quarantine`` (target ``pairs``, the reason, the pair as JSON) and s
 or with ``budget.on_ungrounded: fail`` the stage stops before it writes anything.
 
 A document is ready when every one of its matches has an instantiation and every ``ok``
-instantiation has a judgment. The walk itself is sequential by nature; it runs on the driver over
-(doc id, token count) integers only — texts stay in Spark.
+instantiation has a judgment.
 
     spark-submit jobs/budget.py --conf conf/local.yaml
 """
@@ -30,7 +48,7 @@ from typing import Iterator
 import pandas as pd
 import pyarrow as pa
 
-from finelake.jobs.common import job_main, require
+from finelake.jobs.common import fail_point, job_main, require
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import (BUDGET_LEDGER, DOCUMENTS, INSTANTIATIONS, JUDGMENTS, MATCH_LOG, MATCHES,
                              PAIRS, QUARANTINE)
@@ -72,19 +90,80 @@ def quarantine_rows(rows) -> list[dict]:
             for r in rows]
 
 
+def walk_group(pdf: pd.DataFrame, seed: int, buckets: int) -> pd.DataFrame:
+    """Executor side (``groupBy("bucket").applyInPandas``): one bucket's walk (§4.2).
+
+    In: one row per (document, candidate pair) of one bucket, ``bucket``, ``doc_id``,
+    ``doc_tokens``, ``pair_key`` / ``pair_tokens`` (null for a document without pairs), and the
+    bucket's ``start_carry`` / ``start_position`` (from its last ledger row; 0 for a new bucket).
+    Out: one ``budget_ledger`` row per document (less ``run_id``), ``kept_pair_ids`` included.
+    The rows may come in any order: :func:`finelake.method.budget.walk_bucket` sorts them.
+    """
+    from finelake.method.budget import walk_bucket
+
+    bucket = int(pdf["bucket"].iloc[0])
+    carry, position = int(pdf["start_carry"].iloc[0]), int(pdf["start_position"].iloc[0])
+    docs: dict[str, tuple[int, list]] = {}
+    for d, t, p, n in zip(pdf["doc_id"], pdf["doc_tokens"], pdf["pair_key"], pdf["pair_tokens"]):
+        entry = docs.setdefault(d, (int(t), []))
+        if isinstance(p, str):
+            entry[1].append((p, int(n)))
+    walked = walk_bucket([(d, t, ps) for d, (t, ps) in docs.items()], seed, carry, position)
+    rows = [{**row.as_dict(), "bucket": bucket, "buckets": buckets, "kept_pair_ids": kept}
+            for kept, row in walked]
+    return pd.DataFrame(rows, columns=LEDGER_COLUMNS)
+
+
+LEDGER_COLUMNS = [f.name for f in BUDGET_LEDGER.schema if f.name != "run_id"]
+
+
+def _ledger_buckets(lake, buckets: int):
+    """The existing ledger (None when there is none), after checking it was walked with
+    ``buckets`` buckets; rows written before buckets existed (null ``buckets``) count as the
+    single walk (bucket 0 of 1)."""
+    from pyspark.sql import functions as F
+
+    if not lake.exists(BUDGET_LEDGER):
+        return None
+    added = lake.add_missing_columns(BUDGET_LEDGER)
+    if added:
+        log.info("budget: budget_ledger had no column(s) %s (a lake from before the bucketed "
+                 "walk): added, its rows read as the single walk (bucket 0 of 1)", added)
+    ledger = (lake.read(BUDGET_LEDGER)
+              .withColumn("bucket", F.coalesce("bucket", F.lit(0)))
+              .withColumn("buckets", F.coalesce("buckets", F.lit(1))))
+    walked = sorted(r["buckets"] for r in ledger.select("buckets").distinct().collect())
+    if walked and walked != [buckets]:
+        raise FinelakeError(
+            f"budget_ledger was walked with {walked} bucket(s) but budget.buckets is {buckets}: "
+            f"the walks' carries cannot be split or merged; keep budget.buckets: {walked[0]} for "
+            f"this lake (or start a new ledger: remove budget_ledger and pairs)")
+    return ledger
+
+
 def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
-    """Extend the budget walk over newly ready documents and write their kept pairs.
+    """Extend the budget walks over newly ready documents, then derive ``pairs`` from the ledger.
+
+    The walk runs on the executors in ``budget.buckets`` independent walks
+    (:func:`walk_group`); only per-bucket aggregates reach the driver. Order of writes: the
+    ledger rows (with ``kept_pair_ids``) in one commit, then every kept pair that ``pairs`` lacks
+    (this run's and any a killed run left unwritten), so a kill at any point leaves ``pairs`` a
+    subset of the ledger's kept pairs that the next run completes.
 
     Raises:
         FinelakeError: judgments or upstream tables missing; a judged pair not grounded in its
-            document while ``budget.on_ungrounded`` is ``fail`` (nothing is written then).
+            document while ``budget.on_ungrounded`` is ``fail`` (nothing is written then);
+            ``budget.buckets`` differs from the ledger's.
     """
+    import functools
+
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    from finelake.method.budget import BudgetState, budget_order_key
+    from finelake.method.budget import budget_bucket
 
     cfg, lake = ctx.cfg, ctx.lake
+    buckets = cfg.budget.buckets
     stats = StageStats(STAGE)
     judged = require(ctx, JUDGMENTS, "judge")
     inst = lake.read(INSTANTIATIONS)
@@ -96,21 +175,38 @@ def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> Stage
                   .union(inst.where("status = 'ok'").select("pair_key", "doc_id")
                          .join(judged.select("pair_key"), "pair_key", "left_anti").select("doc_id")))
     ready = processed.join(unfinished, "doc_id", "left_anti")
-    done = lake.read(BUDGET_LEDGER).select("doc_id") if lake.exists(BUDGET_LEDGER) else None
-    new_docs = ready.join(done, "doc_id", "left_anti") if done is not None else ready
-    new_docs = new_docs.join(lake.read(DOCUMENTS).select("doc_id", "num_tokens"), "doc_id").cache()
+    ledger = _ledger_buckets(lake, buckets)
+    new_docs = ready.join(ledger.select("doc_id"), "doc_id", "left_anti") if ledger is not None else ready
 
+    @F.pandas_udf("int")
+    def bucket_of(ids: pd.Series) -> pd.Series:
+        return ids.map(lambda d: budget_bucket(d, buckets)).astype("int32")
+
+    new_docs = (new_docs.join(lake.read(DOCUMENTS).select("doc_id", "num_tokens"), "doc_id")
+                .select("doc_id", F.coalesce("num_tokens", F.lit(0)).cast("long").alias("doc_tokens"),
+                        bucket_of("doc_id").alias("bucket"))
+                .cache())
+
+    def unwritten():
+        """Kept pair ids in the ledger that ``pairs`` lacks (a run killed between the writes)."""
+        want = lake.read(BUDGET_LEDGER).select(
+            "doc_id", "budget_order", F.explode("kept_pair_ids").alias("pair_id"))
+        if lake.exists(PAIRS):
+            want = want.join(lake.read(PAIRS).select("pair_id"), "pair_id", "left_anti")
+        return want
+
+    scope = new_docs.select("doc_id")
+    if ledger is not None:
+        scope = scope.union(unwritten().select("doc_id")).distinct()
     kept = (judged.where("kept").select("pair_key", "judge_score", "judge_model")
             .join(inst.where("status = 'ok'").select("pair_key", "doc_id", "template_id", "instruction",
                                                      "answer", "excerpt_ratio", "model_id"), "pair_key")
-            .join(new_docs.select("doc_id"), "doc_id", "left_semi")
+            .join(scope, "doc_id", "left_semi")
             .join(lake.read(DOCUMENTS).select("doc_id", F.col("text").alias("doc_text")), "doc_id"))
     schema = T.StructType([f for f in kept.schema.fields if f.name != "doc_text"]
                           + [T.StructField("text", T.StringType()),
                              T.StructField("num_tokens", T.LongType()),
                              T.StructField("ungrounded", T.StringType())])
-    import functools
-
     checked = kept.mapInPandas(functools.partial(
         count_partition, tokenizer=cfg.tokenizer.model, min_ratio=cfg.instantiate.min_excerpt_ratio,
         min_run_chars=cfg.instantiate.grounding_min_run_chars), schema).cache()
@@ -121,6 +217,7 @@ def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> Stage
         shown = "; ".join(f"{r['pair_key']} (doc {r['doc_id']}): {r['ungrounded']}" for r in refused[:3])
         if cfg.budget.on_ungrounded == "fail":
             checked.unpersist()
+            new_docs.unpersist()
             raise FinelakeError(f"{len(refused)} judged pair(s) are not grounded in their own "
                                 f"document, nothing written (budget.on_ungrounded: fail): {shown}")
         log.warning("budget: %d pair(s) not grounded in their document, quarantined: %s",
@@ -130,46 +227,62 @@ def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> Stage
         stats.drop("ungrounded_answer", len(refused))
     counted = checked.where("ungrounded IS NULL").drop("ungrounded")
 
-    # Driver: integers only.
-    doc_tokens = {r["doc_id"]: int(r["num_tokens"] or 0) for r in new_docs.collect()}
-    pair_tokens: dict[str, list[tuple[str, int]]] = {d: [] for d in doc_tokens}
-    for r in counted.select("doc_id", "pair_key", "num_tokens").collect():
-        pair_tokens[r["doc_id"]].append((r["pair_key"], int(r["num_tokens"])))
-    carry, position = 0, 0
-    if done is not None:
-        last = (lake.read(BUDGET_LEDGER).orderBy(F.desc("budget_order")).limit(1).collect())
-        if last:
-            carry, position = int(last[0]["carry_out"]), int(last[0]["budget_order"]) + 1
-    state = BudgetState(seed=cfg.budget.seed, carry=carry, position=position)
-    order = sorted(doc_tokens, key=lambda d: (budget_order_key(d, cfg.budget.seed), d))
-    kept_ids: list[str] = []
-    ledger = []
-    for d in order:
-        k, row = state.step(d, doc_tokens[d], pair_tokens[d])
-        kept_ids.extend(k)
-        ledger.append(row.as_dict())
-    stats.rows_out = len(kept_ids)
-    stats.drop("over_token_budget", sum(r["dropped_over_budget"] for r in ledger))
-
-    if ledger:
-        orders = {r["doc_id"]: r["budget_order"] for r in ledger}
-        keep_df = ctx.spark.createDataFrame(
-            [(p,) for p in kept_ids], T.StructType([T.StructField("pair_key", T.StringType())]))
-        order_df = ctx.spark.createDataFrame(list(orders.items()), "doc_id string, budget_order long")
-        pairs = (counted.join(keep_df, "pair_key", "left_semi").join(order_df, "doc_id")
-                 .select(F.col("pair_key").alias("pair_id"), "doc_id", "template_id", "instruction",
-                         "answer", "text", "excerpt_ratio", F.col("judge_score").cast("int"),
-                         "num_tokens", "budget_order", F.col("model_id").alias("generator_model"),
-                         "judge_model"))
+    # The walks, on the executors: each bucket continues from its own last ledger row.
+    if ledger is not None:
+        starts = ledger.groupBy("bucket").agg(
+            F.max_by("carry_out", "budget_order").alias("start_carry"),
+            (F.max("budget_order") + 1).alias("start_position"))
+    else:
+        starts = ctx.spark.createDataFrame([], "bucket int, start_carry long, start_position long")
+    walk_in = (new_docs
+               .join(counted.select(
+                   "doc_id", "pair_key", F.col("num_tokens").alias("pair_tokens")), "doc_id", "left")
+               .join(F.broadcast(starts), "bucket", "left")
+               .fillna(0, ["start_carry", "start_position"]))
+    out_schema = T.StructType([f for f in _spark_schema(BUDGET_LEDGER).fields if f.name != "run_id"])
+    walked = (walk_in.groupBy("bucket")
+              .applyInPandas(_walker(cfg.budget.seed, buckets), out_schema)
+              .cache())
+    totals = walked.agg(F.count("*").alias("documents"), F.sum("kept").alias("kept"),
+                        F.sum("dropped_over_budget").alias("dropped")).collect()[0]
+    n_docs = int(totals["documents"])
+    stats.rows_out = int(totals["kept"] or 0)
+    stats.drop("over_token_budget", int(totals["dropped"] or 0))
+    if n_docs:
+        lake.merge(BUDGET_LEDGER, walked, ctx.run_id)
+    fail_point(STAGE, 1)
+    if lake.exists(BUDGET_LEDGER):
+        pairs = (unwritten().join(counted.withColumnRenamed("pair_key", "pair_id"),
+                                  ["pair_id", "doc_id"])
+                 .select("pair_id", "doc_id", "template_id", "instruction", "answer", "text",
+                         "excerpt_ratio", F.col("judge_score").cast("int"), "num_tokens",
+                         "budget_order", F.col("model_id").alias("generator_model"), "judge_model"))
         lake.merge(PAIRS, pairs, ctx.run_id)
-        lake.merge(BUDGET_LEDGER, pa.Table.from_pylist(ledger), ctx.run_id)
+        carry = (lake.read(BUDGET_LEDGER).groupBy(F.coalesce("bucket", F.lit(0)))
+                 .agg(F.max_by("carry_out", "budget_order").alias("c")).agg(F.sum("c")).collect()[0][0])
+        stats.extra.update(carry_out=int(carry or 0))
+    walked.unpersist()
     checked.unpersist()
     new_docs.unpersist()
-    stats.extra.update(documents=len(ledger), carry_out=state.carry)
+    stats.extra.update(documents=n_docs, buckets=buckets)
     lake.register(PAIRS)
     lake.register(BUDGET_LEDGER)
     lake.register(QUARANTINE)
     return stats.finish()
+
+
+def _walker(seed: int, buckets: int):
+    """:func:`walk_group` bound to the seed and bucket count (a plain function: applyInPandas
+    inspects its argument)."""
+    def walk(pdf: pd.DataFrame) -> pd.DataFrame:
+        return walk_group(pdf, seed, buckets)
+    return walk
+
+
+def _spark_schema(tdef):
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(tdef.schema)
 
 
 def main(argv=None):
