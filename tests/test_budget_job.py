@@ -211,3 +211,22 @@ def test_a_ledger_from_before_buckets_gets_the_columns_and_continues(spark, lake
     matched = {r["doc_id"] for r in ctx.lake.read_arrow(MATCHES).to_pylist()}
     ready = {f"doc{i:03d}" for i in range(N_DOCS)} - (matched - {f"doc{i:03d}" for i in range(N_DOCS // 2, N_DOCS)})
     assert set(rows) == {"legacy"} | ready
+
+
+def test_add_missing_columns_on_the_delta_rs_engine(tmp_path):
+    """The delta-rs path (local lakes without the jars): the ledger's new columns are added as
+    nullable, old rows read them as null, a second call adds nothing."""
+    from deltalake import DeltaTable, write_deltalake
+
+    from finelake.lake import Lake
+    from finelake.tables import BUDGET_LEDGER
+
+    lake = Lake(str(tmp_path), None, engine="deltalake")
+    old_schema = pa.schema([f for f in BUDGET_LEDGER.schema if f.name not in ("bucket", "kept_pair_ids")])
+    write_deltalake(lake.path(BUDGET_LEDGER), pa.Table.from_pylist(
+        [{"doc_id": "a", "budget_order": 0, "carry_out": 5}], schema=old_schema))
+    assert lake.add_missing_columns(BUDGET_LEDGER) == ["bucket", "kept_pair_ids"]
+    assert lake.add_missing_columns(BUDGET_LEDGER) == []
+    got = DeltaTable(lake.path(BUDGET_LEDGER)).to_pyarrow_table()
+    assert set(got.column_names) == set(BUDGET_LEDGER.schema.names)
+    assert got.column("kept_pair_ids").to_pylist() == [None] and got.column("carry_out").to_pylist() == [5]
