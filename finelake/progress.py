@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 log = logging.getLogger("finelake.progress")
 
-BAR_FORMAT = "{desc}: {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}, {rate_fmt}]"
+BAR_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 class Progress:
@@ -36,13 +36,13 @@ class Progress:
         self.n = 0
         self.start = time.monotonic()
         self.tty = sys.stderr.isatty() if tty is None else tty
-        self._bar = (tqdm(total=self.total, desc=desc, unit=" " + unit, file=sys.stderr,
+        self._bar = (tqdm(total=self.total, desc=desc, unit=unit, file=sys.stderr,
                           dynamic_ncols=True, leave=False) if self.tty else None)
 
     def line(self) -> str:
         """The current figures as one line (``desc: n/total unit [elapsed<left, rate]``)."""
         return tqdm.format_meter(self.n, self.total, time.monotonic() - self.start,
-                                 prefix=self.desc, unit=" " + self.unit, bar_format=BAR_FORMAT)
+                                 prefix=self.desc, unit=self.unit, bar_format=BAR_FORMAT)
 
     def update(self, n: int) -> None:
         """Record ``n`` more units done; redraw the bar, or log one line."""

@@ -18,7 +18,7 @@ def test_without_a_terminal_each_update_is_one_plain_log_line(caplog):
     assert lines[0].startswith("instantiate: 10/30 rows [")
     assert lines[1].startswith("instantiate: 30/30 rows [")
     # elapsed<remaining, rate: tqdm's own meter
-    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d, [\d.?]+ ?rows/s\]", lines[0]), lines[0]
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d, (?:[\d.]+rows/s|[\d.]+s/rows|\?rows/s)\]", lines[0]), lines[0]
 
 
 def test_on_a_terminal_the_bar_counts_and_logs_nothing(caplog, capsys):
