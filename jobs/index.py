@@ -7,7 +7,8 @@ URI the cluster's Hadoop file system writes (``s3://``, ``dbfs:/``, ``abfss://``
 built on the driver in a temporary folder and copied there (:mod:`finelake.storage`), and
 ``match`` ships it to executors with ``SparkContext.addFile``. Exact inner-product search below
 ``index.exact_below`` templates, IVF above, with its recall@k against exact search measured at
-build time and recorded in ``meta.json``.
+build time and recorded in ``meta.json``. The complexity weights match samples with are computed
+once per version and stored beside it (``weights.json``, :func:`index_weights`).
 
     spark-submit jobs/index.py --conf conf/local.yaml
 """
@@ -55,6 +56,56 @@ def latest_index(cfg, spark=None) -> dict:
                             "first") from None
 
 
+WEIGHTS_FILE = "weights.json"
+
+
+def index_weights(ctx: StageContext, idx: dict) -> dict[int, float]:
+    """The complexity weights (§3.2) of an index version: computed once, stored at
+    ``<index root>/<version>/weights.json`` and used by every match run against that version, so
+    resumed and incremental runs sample exactly as a one-shot run.
+
+    ``weights = complexity_weights(target, pool)``
+    (:func:`finelake.method.sampling.complexity_weights`) with target = the number of ``ok``
+    genericizations per ``num_slots`` (one per real query) and pool = the index's templates per
+    ``num_slots`` (the templates whose ids are in ``ids.json``), both read when the file is
+    first written: by ``finelake index`` when it publishes a version, or by the first match run
+    of a version published before weights were stored. Never rewritten.
+
+    Args:
+        idx: the index's ``LATEST`` record (``path``, ``version``).
+
+    Returns:
+        ``{num_slots: weight}``; empty when the index's templates have no known complexity.
+    """
+    from pyspark.sql import functions as F
+
+    from finelake.method.sampling import complexity_weights
+    from finelake.tables import GENERICIZATIONS
+
+    path = storage.join(idx["path"], WEIGHTS_FILE)
+    try:
+        return {int(k): float(v) for k, v in json.loads(storage.read_text(ctx.spark, path))["weights"].items()}
+    except FileNotFoundError:
+        pass
+    ids = json.loads(storage.read_text(ctx.spark, storage.join(idx["path"], "ids.json")))
+    import pyarrow as pa
+
+    id_df = ctx.spark.createDataFrame(pa.table({"template_id": pa.array(ids, pa.string())}))
+    pool = {int(r["num_slots"]): int(r["count"]) for r in
+            require(ctx, TEMPLATES, "genericize").join(id_df, "template_id", "left_semi")
+            .where(F.col("num_slots").isNotNull()).groupBy("num_slots").count().collect()}
+    target = {int(r["num_slots"]): int(r["count"]) for r in
+              ctx.lake.read(GENERICIZATIONS).where("status = 'ok' AND num_slots IS NOT NULL")
+              .groupBy("num_slots").count().collect()} if ctx.lake.exists(GENERICIZATIONS) else {}
+    weights = complexity_weights(target, pool) if pool else {}
+    storage.write_text(ctx.spark, path, json.dumps(
+        {"version": idx["version"], "target": {str(k): v for k, v in sorted(target.items())},
+         "pool": {str(k): v for k, v in sorted(pool.items())},
+         "weights": {str(k): v for k, v in sorted(weights.items())}, "run_id": ctx.run_id},
+        indent=1))
+    return weights
+
+
 def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
     """Build (or confirm) the template index for the current ``templates`` table."""
     from finelake.models.index import build_index
@@ -90,6 +141,7 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     latest = {"version": index.version, "path": path, "embedding_model": cfg.models.embedder.model,
               "kind": index.kind, "size": len(index), "recall_at_k": index.recall_at_k,
               "recall_k": ic.recall_k, "run_id": ctx.run_id}
+    index_weights(ctx, latest)  # before LATEST names the version: match finds them stored
     storage.write_text(ctx.spark, storage.join(root, "LATEST"), json.dumps(latest, indent=1))
     stats.rows_out = len(index)
     stats.extra.update(kind=index.kind, version=index.version, recall_at_k=f"{index.recall_at_k:.3f}")

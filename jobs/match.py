@@ -7,8 +7,13 @@ weighted sample without replacement of up to ``match.templates_per_doc`` templat
 a template depending on its complexity (number of slots) so that the kept templates' complexity
 follows that of the templates derived from the real queries (§3.2).
 
+The complexity weights are those of the index version (computed once, stored beside it:
+:func:`finelake.jobs.index.index_weights`), so every run of one index version samples alike.
+
 Every processed document gets a ``match_log`` row (also with zero candidates), so a rerun skips
-it and the funnel accounts for it.
+it and the funnel accounts for it. ``matches`` is written first, then ``match_log``; a document
+with ``matches`` rows but no ``match_log`` row (a run killed in between) is not sampled again on
+the rerun, which writes only its ``match_log`` row.
 
     spark-submit jobs/match.py --conf conf/local.yaml [--max-documents N]
     finelake calibrate        # cosine distribution, to choose a threshold for another model
@@ -27,7 +32,7 @@ from finelake.jobs.index import latest_index
 from finelake.resources import MODEL_STAGE, model_worker_pool, plan_stage
 from finelake.storage import distribute
 from finelake.runtime import FinelakeError, StageContext, StageStats
-from finelake.tables import DOCUMENTS, GENERICIZATIONS, MATCH_LOG, MATCHES, TEMPLATES
+from finelake.tables import DOCUMENTS, MATCH_LOG, MATCHES, TEMPLATES
 
 STAGE = "match"
 
@@ -94,13 +99,23 @@ def current_index(cfg, spark) -> dict:
 def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
     """Match the (first ``max_documents``, by id) documents without a ``match_log`` row.
 
+    Sampling uses the index version's stored complexity weights (:func:`finelake.jobs.index.index_weights`),
+    never weights of this run's candidates, and a document that already has ``matches`` rows (a
+    run killed between the ``matches`` and ``match_log`` writes) is not sampled again: its
+    ``match_log`` row is written from its candidates and its existing matches. So a kill at any
+    point followed by a rerun gives the tables of an uninterrupted run.
+
+    Without a document limit nothing is sorted or cached: the documents without a ``match_log``
+    row stream into the embedder. With one, only the ids are sorted (the first ``n`` by id).
+
     Raises:
         FinelakeError: documents or templates missing, or no index built.
     """
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    from finelake.method.sampling import complexity_weights
+    from finelake.jobs.common import fail_point
+    from finelake.jobs.index import index_weights
 
     cfg, lake = ctx.cfg, ctx.lake
     mc = cfg.match
@@ -108,13 +123,17 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     idx = current_index(cfg, ctx.spark)
     threshold = threshold_for(cfg)
     n = max_documents or cfg.run.max_documents
-    docs = limit_ordered(require(ctx, DOCUMENTS, "ingest").select("doc_id", "text"), "doc_id", n).cache()
-    stats.rows_in = docs.count()
+    documents = require(ctx, DOCUMENTS, "ingest")
+    scope = None  # None: every document
+    docs = documents.select("doc_id", "text")
+    if n:
+        scope = limit_ordered(documents.select("doc_id"), "doc_id", n).cache()
+        docs = docs.join(scope, "doc_id", "left_semi")
+    stats.rows_in = (scope if scope is not None else documents.select("doc_id")).count()
     pending = docs
     if lake.exists(MATCH_LOG):
         pending = docs.join(lake.read(MATCH_LOG).select("doc_id"), "doc_id", "left_anti")
-    pending = pending.cache()
-    n_pending = pending.count()
+    n_pending = pending.select("doc_id").count()
     stats.skipped = stats.rows_in - n_pending
 
     templates = require(ctx, TEMPLATES, "genericize").select("template_id", "num_slots")
@@ -137,13 +156,14 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
         cands = cands.cache()
         found = cands.where("template_id IS NOT NULL").join(templates, "template_id")
 
-        # Complexity weights (§3.2): target = templates from real queries (one per query),
-        # pool = this run's candidates.
-        target = {int(r["num_slots"]): int(r["count"]) for r in
-                  lake.read(GENERICIZATIONS).where("status = 'ok'").groupBy("num_slots").count().collect()}
-        pool = {int(r["num_slots"]): int(r["count"]) for r in found.groupBy("num_slots").count().collect()}
-        weights = complexity_weights(target, pool) if pool else {}
+        # Complexity weights (§3.2): once per index version, whatever documents this run has.
+        weights = index_weights(ctx, idx)
         stats.extra["weights"] = "{" + ", ".join(f"{k}:{v:.2f}" for k, v in sorted(weights.items())) + "}"
+        # Documents a killed run already sampled keep their matches: never a second sample.
+        # (The snapshot is pinned: the merge below must not change what this plan excludes.)
+        if lake.exists(MATCHES):
+            before = lake.read(MATCHES, version=lake.version(MATCHES)).select("doc_id")
+            found = found.join(before, "doc_id", "left_anti")
 
         out_schema = T.StructType([T.StructField("doc_id", T.StringType()),
                                    T.StructField("template_id", T.StringType()),
@@ -160,23 +180,29 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
         sampled = (sampled.withColumn("embedding_model", F.lit(cfg.models.embedder.model))
                    .withColumn("index_version", F.lit(idx["version"])))
         lake.merge(MATCHES, sampled, ctx.run_id)
+        fail_point(STAGE, 1)
+        # sampled = the document's rows in matches now: this run's sample or a killed run's.
+        n_sampled = (lake.read(MATCHES).select("doc_id").join(cands.select("doc_id").distinct(),
+                                                              "doc_id", "left_semi")
+                     .groupBy("doc_id").agg(F.count("*").cast("int").alias("sampled")))
         counts = (cands.groupBy("doc_id").agg(F.count("template_id").cast("int").alias("candidates"))
-                  .join(sampled.groupBy("doc_id").agg(F.count("*").cast("int").alias("sampled")),
-                        "doc_id", "left")
+                  .join(n_sampled, "doc_id", "left")
                   .fillna(0, ["sampled"])
                   .withColumn("threshold", F.lit(threshold))
                   .withColumn("embedding_model", F.lit(cfg.models.embedder.model))
                   .withColumn("index_version", F.lit(idx["version"])))
         lake.merge(MATCH_LOG, counts, ctx.run_id)
         cands.unpersist()
-    log_rows = lake.read(MATCH_LOG).join(docs.select("doc_id"), "doc_id", "left_semi")
+    log_rows = lake.read(MATCH_LOG)
+    if scope is not None:
+        log_rows = log_rows.join(scope, "doc_id", "left_semi")
     agg = log_rows.agg(F.sum("candidates").alias("c"), F.sum("sampled").alias("s"),
                        F.sum(F.when(F.col("candidates") == 0, 1).otherwise(0)).alias("z")).collect()[0]
     stats.rows_out = int(agg["s"] or 0)
     stats.drop("no_candidate_above_threshold", int(agg["z"] or 0))
     stats.extra.update(candidates=int(agg["c"] or 0), threshold=threshold)
-    docs.unpersist()
-    pending.unpersist()
+    if scope is not None:
+        scope.unpersist()
     lake.register(MATCHES)
     lake.register(MATCH_LOG)
     return stats.finish()
