@@ -17,8 +17,18 @@ def _validate(*args):
     return CliRunner().invoke(cli, ["validate", *args])
 
 
+@pytest.fixture
+def no_session(monkeypatch):
+    """As on a laptop or a fresh driver: no Spark session runs in this process. (Earlier tests of
+    the suite leave the shared local[2] session running; the comparison with a live session has
+    its own test below.)"""
+    import finelake.validate
+
+    monkeypatch.setattr(finelake.validate, "active_session", lambda: None)
+
+
 @pytest.mark.parametrize("profile", available_profiles())
-def test_every_packaged_profile_validates(profile):
+def test_every_packaged_profile_validates(profile, no_session):
     r = _validate("--conf", profile)
     assert r.exit_code == 0, r.output
     assert f"validate: profile {profile} is valid" in r.output
@@ -84,7 +94,7 @@ def test_vllm_accepts_engine_args_names_and_rejects_others():
     assert e.value.key == "max_num_seq" and "max_num_seqs" in str(e.value)
 
 
-def test_print_gives_yaml_that_loads_back_to_the_same_profile(tmp_path):
+def test_print_gives_yaml_that_loads_back_to_the_same_profile(tmp_path, no_session):
     r = CliRunner().invoke(cli, ["validate", "--conf", "cluster-sim", "--print"])
     assert r.exit_code == 0, r.output
     text = r.stdout
