@@ -27,7 +27,30 @@ What it prints (one table):
 * unless --bf16-docs 0: the direct run again in bfloat16 on the first 300 documents (this EPYC has AVX-512 BF16; on a CPU without
   it bf16 is slower) and the cosine between its vectors and the fp32 ones.
 
-Never reads outside the repository; the model is the embedded all-MiniLM-L6-v2 unless --model says.
+* with --compare-plain: the same direct run again on the plain path (``prefetch=False``,
+  ``tokenize_group=0``: tokenize the whole call, then batches one by one, as before issue 16) and
+  the max |difference| between the two runs' vectors.
+
+On a GPU (``--device cuda``) the CPU-only rows (matmul rates, per CPU-second, Spark, the bf16 rerun)
+are skipped; it prints docs/s, tokens/s, padding and peak GPU memory of the pipelined embedder and,
+with --compare-plain, of the plain path. ``--random-encoder xlmr-large`` embeds with random weights
+of BGE-M3's shape (XLM-RoBERTa large: 24 layers, d=1024, 16 heads, FFN 4096, 8,194 positions) and
+the embedded MiniLM tokenizer, built in a temporary folder, so no download is needed (speed does
+not depend on the weights). The prepared GPU command (from the repository root, with
+``../shared/gpu-smoke`` copied to ``.gpu/`` and its wheels fetched, as its README says)::
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/.whl/*.whl . && \
+    PYTHONPATH=/tmp/site python3 benchmarks/bench_embedding.py --device cuda --dtype float16 \
+        --random-encoder xlmr-large --max-seq-length 8192 --batch-size 256 \
+        --max-batch-tokens 131072 --docs 3000 --no-spark --compare-plain \
+        --json "${OUT:-/tmp}/bench_embedding_gpu.json"
+
+(about 3 minutes on an H200, most of it building and loading the random encoder; ``--docs-file``
+points at longer documents: the H200 figures in the README used documents of 1,188 tokens on
+average, the shipped sample is shorter.)
+
+Never reads outside the repository (unless --docs-file says); the model is the embedded
+all-MiniLM-L6-v2 unless --model or --random-encoder says.
 """
 
 from __future__ import annotations
@@ -111,21 +134,123 @@ def encoder_flops(config, lengths) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- runs
 
 
-def run_direct(model_cfg: dict, texts: list[str], threads: int) -> dict:
+def run_direct(model_cfg: dict, texts: list[str], threads: int, emb=None) -> dict:
+    """One timed ``embed_pooled`` call over ``texts`` after a 64-text warm-up. On CUDA the time ends
+    after the vectors are back on the host (the call synchronizes) and ``peak_gib`` is the peak
+    allocated GPU memory of the timed call."""
     import torch
 
     from finelake.models.embedding import create_embedder
 
-    torch.set_num_threads(threads)
-    emb = create_embedder({**model_cfg, "options": {**model_cfg["options"], "threads": threads}})
-    emb.embed_pooled(texts[:32], K, SIGMA, ALPHA)  # warm-up (allocator, oneDNN kernels)
+    cuda = str(model_cfg["options"].get("device", "cpu")).startswith("cuda")
+    if not cuda and threads:
+        torch.set_num_threads(threads)
+    if emb is None:
+        opts = dict(model_cfg["options"])
+        if not cuda and threads:
+            opts["threads"] = threads
+        emb = create_embedder({**model_cfg, "options": opts})
+    emb.embed_pooled(texts[:64], K, SIGMA, ALPHA)  # warm-up (allocator, oneDNN / cuBLAS kernels)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     before = dict(emb.stats)
     c0, t0 = time.process_time(), time.perf_counter()
     out = emb.embed_pooled(texts, K, SIGMA, ALPHA)
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert out.shape == (len(texts), K + 1, emb.dim)
     run = {k: emb.stats[k] - before[k] for k in ("tokens", "padded_tokens", "batches")}
-    return {"seconds": secs, "cpu_seconds": cpu, "embedder": emb, "out": out, **run}
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+    return {"seconds": secs, "cpu_seconds": cpu, "embedder": emb, "out": out, "peak_gib": peak,
+            "prefetch": emb.prefetch, "attn": emb.attn_implementation, **run}
+
+
+def run_plain(d: dict, texts: list[str], threads: int, model_cfg: dict) -> dict:
+    """The direct run again on the same embedder, on the plain path (no thread, one group)."""
+    emb = d["embedder"]
+    old = emb.prefetch, emb.tokenize_group
+    emb.prefetch, emb.tokenize_group = False, 1 << 62
+    try:
+        p = run_direct(model_cfg, texts, threads, emb=emb)
+    finally:
+        emb.prefetch, emb.tokenize_group = old
+    p["max_abs_diff"] = float(abs(p["out"] - d["out"]).max())
+    p["min_cos"] = float((p["out"] * d["out"]).sum(-1).min())
+    del p["out"], p["embedder"]
+    return p
+
+
+def random_encoder(layers: int, max_seq_length: int, dtype: str) -> str:
+    """A sentence-transformers folder (in a temporary directory) with random weights of BGE-M3's
+    shape (XLM-RoBERTa large; ``layers`` of its 24) and the embedded MiniLM tokenizer, mean
+    pooling. Returns its path."""
+    import tempfile
+
+    import torch
+    from sentence_transformers import SentenceTransformer, models as stm
+    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaModel
+
+    from finelake.models.resolve import hf_path
+
+    root = Path(tempfile.mkdtemp(prefix="bench-xlmr-"))
+    tok = AutoTokenizer.from_pretrained(hf_path("embedded:all-minilm-l6-v2"))
+    cfg = XLMRobertaConfig(vocab_size=tok.vocab_size, hidden_size=1024, num_hidden_layers=layers,
+                           num_attention_heads=16, intermediate_size=4096,
+                           max_position_embeddings=max(514, max_seq_length + 2), type_vocab_size=1,
+                           pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = XLMRobertaModel(cfg).to(getattr(torch, {"float16": "float16", "bfloat16": "bfloat16"}
+                                            .get(dtype, "float32")))
+    model.save_pretrained(root / "hf")
+    tok.model_max_length = max_seq_length
+    tok.save_pretrained(root / "hf")
+    st = SentenceTransformer(modules=[stm.Transformer(str(root / "hf"), max_seq_length=max_seq_length),
+                                      stm.Pooling(cfg.hidden_size, "mean")], device="cpu")
+    st.save(str(root / "st"))
+    return str(root / "st")
+
+
+def gpu_main(args, texts: list[str], model_cfg: dict) -> int:
+    """``--device cuda``: the pipelined embedder (and with --compare-plain the plain path) on one
+    GPU; prints a table and writes --json."""
+    import torch
+
+    d = run_direct(model_cfg, texts, 0)
+    p = run_plain(d, texts, 0, model_cfg) if args.compare_plain else None
+    emb = d.pop("embedder")
+    del d["out"]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU dry run)"
+    rows = [("gpu", gpu, f"torch {torch.__version__}"),
+            ("model", args.random_encoder or args.model,
+             f"{args.dtype}, attention {d['attn']}, max_seq_length {emb.max_seq_length}, batch <= "
+             f"{args.batch_size} texts and <= {args.max_batch_tokens or 'any'} tokens")]
+    for name, r in (("pipelined", d), ("plain", p)):
+        if r is None:
+            continue
+        rows.append((f"{name}: docs/s, tokens/s", f"{len(texts) / r['seconds']:.1f} , "
+                     f"{r['tokens'] / r['seconds']:.0f}",
+                     f"{r['seconds']:.2f} s, {len(texts)} docs, mean {r['tokens'] / len(texts):.0f} tokens, "
+                     f"padding {r['padded_tokens'] / r['tokens'] - 1:+.1%}, {r['batches']} batches, "
+                     f"peak {r['peak_gib'] or 0:.1f} GiB, prefetch {r['prefetch']}"))
+    if p:
+        rows.append(("pipelined / plain speed", f"{p['seconds'] / d['seconds']:.2f}x",
+                     f"vectors: max |diff| {p['max_abs_diff']:.2g}, min cosine {p['min_cos']:.7f}"))
+    _print(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": rows[0][1], "docs": len(texts),
+                                               "pipelined": d, "plain": p, "args": vars(args)},
+                                              indent=2, default=str))
+    return 0
+
+
+def _print(rows) -> None:
+    w = max(len(r[0]) for r in rows)
+    v = max(len(r[1]) for r in rows)
+    print()
+    print(f"{'measure':<{w}}  {'value':<{v}}  note")
+    print(f"{'-' * w}  {'-' * v}  {'-' * 40}")
+    for name, value, note in rows:
+        print(f"{name:<{w}}  {value:<{v}}  {note}")
 
 
 def _worker_rss(batches):
@@ -258,13 +383,25 @@ def run_spark(model_cfg: dict, texts: list[str], cores: int, arrow_batch: int) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--docs", type=int, default=1000, help="documents from the sample (max 1000)")
+    ap.add_argument("--docs", type=int, default=1000,
+                    help="documents (the file's rows, repeated when it has fewer)")
     ap.add_argument("--model", default="embedded:all-minilm-l6-v2")
     ap.add_argument("--max-seq-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64, help="max texts per forward pass")
     ap.add_argument("--max-batch-tokens", type=int, default=4096,
                     help="max padded tokens per forward pass (0: no limit)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    ap.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
+                    help="tokenize/pad on a background thread (auto: on for CUDA)")
+    ap.add_argument("--tokenize-group", type=int, default=None,
+                    help="texts per tokenizer call when prefetching (default: the embedder's)")
+    ap.add_argument("--compare-plain", action="store_true",
+                    help="also time the plain path (no thread, one group) on the same texts")
+    ap.add_argument("--random-encoder", choices=["xlmr-large"], default=None,
+                    help="random weights of BGE-M3's shape instead of --model (no download)")
+    ap.add_argument("--random-layers", type=int, default=24, help="layers of the random encoder")
+    ap.add_argument("--docs-file", default=str(DOCS), help="JSONL with a 'text' field")
     ap.add_argument("--arrow-batch", type=int, default=1000,
                     help="spark.sql.execution.arrow.maxRecordsPerBatch (texts length-sorted together)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the direct run (0: all cores)")
@@ -278,11 +415,22 @@ def main(argv=None) -> int:
     cores = cpu["cores"]
     threads = args.threads or cores
     load_before = load_avg()
-    with open(DOCS, encoding="utf-8") as f:
+    with open(args.docs_file, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for _, line in zip(range(args.docs), f)]
-    model_cfg = {"backend": "sentence_transformers", "model": args.model, "batch_size": args.batch_size,
-                 "options": {"max_seq_length": args.max_seq_length, "dtype": args.dtype,
-                             "max_batch_tokens": args.max_batch_tokens}}
+    texts = (texts * (args.docs // max(1, len(texts)) + 1))[:args.docs]
+    model = args.model
+    if args.random_encoder:
+        model = random_encoder(args.random_layers, args.max_seq_length, args.dtype)
+    opts = {"max_seq_length": args.max_seq_length, "dtype": args.dtype,
+            "max_batch_tokens": args.max_batch_tokens, "device": args.device}
+    if args.prefetch != "auto":
+        opts["prefetch"] = args.prefetch == "on"
+    if args.tokenize_group is not None:
+        opts["tokenize_group"] = args.tokenize_group
+    model_cfg = {"backend": "sentence_transformers", "model": model, "batch_size": args.batch_size,
+                 "options": opts}
+    if args.device.startswith("cuda"):
+        return gpu_main(args, texts, model_cfg)
 
     peak_before = matmul_gflops(cores)
     peak_1t = matmul_gflops(1)
@@ -291,6 +439,7 @@ def main(argv=None) -> int:
 
     d = run_direct(model_cfg, texts, threads)
     emb = d["embedder"]
+    plain = run_plain(d, texts, threads, model_cfg) if args.compare_plain else None
     lengths = emb.token_lengths(texts)
     tokens = sum(lengths)
     per_tok_lin, flops = encoder_flops(emb._transformer.auto_model.config, lengths)  # noqa: SLF001
@@ -335,7 +484,14 @@ def main(argv=None) -> int:
     add("direct: achieved", f"{flops / ds / 1e9:.1f} GFLOP/s", f"{flops / ds / 1e9 / peak:.2f} of matmul rate")
     dc = d["cpu_seconds"]
     add("direct: per CPU-second", f"{flops / dc / 1e9:.1f} GFLOP/cpu-s",
-        f"{flops / dc / 1e9 / core_fp32:.2f} of 1-thread matmul; {dc:.1f} cpu-s")
+        f"{flops / dc / 1e9 / core_fp32:.2f} of 1-thread matmul; {dc:.1f} cpu-s; prefetch {d['prefetch']}")
+    if plain:
+        pc = plain["cpu_seconds"]
+        add("plain path: docs/s, tokens/s", f"{len(texts) / plain['seconds']:.1f} , "
+            f"{tokens / plain['seconds']:.0f}", f"{plain['seconds']:.1f} s; {flops / pc / 1e9:.1f} "
+            f"GFLOP/cpu-s; {plain['batches']} batches")
+        add("plain vs direct vectors", f"max |diff| {plain['max_abs_diff']:.2g}",
+            f"min cosine {plain['min_cos']:.7f}")
     if bf:
         bf_rate = bf["flops"] / bf["cpu_seconds"] / 1e9
         add("direct bf16: docs/s, tokens/s", f"{bf['docs'] / bf['seconds']:.1f} , "
@@ -359,18 +515,12 @@ def main(argv=None) -> int:
     else:
         add("peak RSS", f"{rss_mb_self():.0f} MB", "this process")
 
-    w = max(len(r[0]) for r in rows)
-    v = max(len(r[1]) for r in rows)
-    print()
-    print(f"{'measure':<{w}}  {'value':<{v}}  note")
-    print(f"{'-' * w}  {'-' * v}  {'-' * 40}")
-    for name, value, note in rows:
-        print(f"{name:<{w}}  {value:<{v}}  {note}")
+    _print(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"cpu": cpu, "matmul_gflops": peak, "matmul_gflops_1thread": peak_1t,
              "matmul_gflops_per_cpu_s": core_fp32, "tokens": tokens, "docs": len(texts),
-             "flops": flops, "direct": d | {"embedder": None}, "bf16": bf, "spark": sp,
+             "flops": flops, "direct": d | {"embedder": None}, "plain": plain, "bf16": bf, "spark": sp,
              "args": vars(args)}, indent=2, default=str))
     return 0
 
