@@ -96,6 +96,9 @@ class IngestConfig(_Strict):
 class GenericizeConfig(_Strict):
     model: Optional[ModelConfig] = Field(None, description="Model for this stage; default models.generator.")
     chunk_rows: int = Field(400, ge=1, description="Queries per committed chunk (a killed run loses at most one).")
+    max_attempts: int = Field(3, ge=1, description="Runs that may try a row whose model call "
+                              "failed transiently (timeout, OOM, dead engine, HTTP 429/5xx: "
+                              "finelake.faults); after the last one it is an error, quarantined.")
     mode: Literal["decomposed", "direct"] = Field(
         "decomposed",
         description="'direct': the query_templatizer contract (query in, JSON with template and "
@@ -133,6 +136,9 @@ class MatchConfig(_Strict):
 class InstantiateConfig(_Strict):
     model: Optional[ModelConfig] = Field(None, description="Model for this stage; default models.generator.")
     chunk_documents: int = Field(32, ge=1, description="Documents per committed chunk (a killed run loses at most one).")
+    max_attempts: int = Field(3, ge=1, description="Runs that may try a row whose model call "
+                              "failed transiently (timeout, OOM, dead engine, HTTP 429/5xx: "
+                              "finelake.faults); after the last one it is an error, quarantined.")
     max_answer_sentences: int = Field(4, ge=1, description="Decomposed mode: longest answer, in sentences.")
     mode: Literal["decomposed", "direct"] = "decomposed"
     prompt_version: str = "instantiate-v1"
@@ -152,6 +158,10 @@ class InstantiateConfig(_Strict):
 
 class JudgeConfig(_Strict):
     min_score: int = Field(4, ge=1, le=5)
+    chunk_rows: int = Field(2000, ge=1, description="Pairs per committed chunk (a killed run loses at most one).")
+    max_attempts: int = Field(3, ge=1, description="Runs that may try a row whose model call "
+                              "failed transiently (timeout, OOM, dead engine, HTTP 429/5xx: "
+                              "finelake.faults); after the last one it is an error, quarantined.")
     prompt_version: str = Field("judge-v2", description="Recorded on judgments rows; v2: the llm "
                                 "judge speaks Flow Judge's own prompt and reply format.")
 

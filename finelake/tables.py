@@ -70,10 +70,12 @@ DOCUMENTS = TableDef(
 QUARANTINE = TableDef(
     "quarantine",
     _schema(("quarantine_id", S), ("target", S), ("source", S), ("location", S), ("reason", S),
-            ("raw", S), *LINEAGE),
+            ("raw", S), ("row_key", S), ("attempts", I32), *LINEAGE),
     key=("quarantine_id",),
-    description="Input rows that were not ingested, and judged pairs the budget refused as not "
-    "grounded in their document (target pairs), with where they came from and why.",
+    description="Input rows that were not ingested, judged pairs the budget refused as not "
+    "grounded in their document (target pairs), and model-stage rows that failed for good "
+    "(target genericizations / instantiations / judgments, source the stage, row_key the "
+    "table's key, attempts the runs that tried it), with where they came from and why.",
 )
 
 INGEST_DROPS = TableDef(
@@ -88,9 +90,12 @@ GENERICIZATIONS = TableDef(
     "genericizations",
     _schema(("query_id", S), ("status", S), ("template_id", S), ("template", S),
             ("compatible_document_description", S), ("num_slots", I32), ("reason", S),
-            ("raw_output", S), ("model_id", S), ("prompt_version", S), *LINEAGE),
+            ("raw_output", S), ("model_id", S), ("prompt_version", S), ("attempts", I32),
+            *LINEAGE),
     key=("query_id",),
-    description="One row per query: the template it gave (status 'ok') or why it gave none.",
+    description="One row per query: the template it gave (status 'ok') or why it gave none "
+                "('retry': a transient failure the next run tries again; attempts: runs that "
+                "tried it).",
 )
 
 TEMPLATES = TableDef(
@@ -123,18 +128,23 @@ INSTANTIATIONS = TableDef(
     "instantiations",
     _schema(("pair_key", S), ("doc_id", S), ("template_id", S), ("status", S), ("instruction", S),
             ("answer", S), ("excerpt_ratio", F64), ("reason", S), ("raw_output", S),
-            ("model_id", S), ("prompt_version", S), *LINEAGE),
+            ("model_id", S), ("prompt_version", S), ("attempts", I32), *LINEAGE),
     key=("pair_key",),
-    description="One row per match: status ok, null (incompatible), excerpt_rejected or error.",
+    description="One row per match: status ok, null (incompatible), excerpt_rejected, invalid, "
+                "error, or retry (a transient failure the next run tries again); attempts: runs "
+                "that tried it.",
 )
 
 JUDGMENTS = TableDef(
     "judgments",
     _schema(("pair_key", S), ("doc_id", S), ("template_id", S), ("judge_score", I32),
             ("judge_reason", S), ("kept", B), ("judge_model", S), ("prompt_version", S),
-            *LINEAGE),
+            ("status", S), ("attempts", I32), *LINEAGE),
     key=("pair_key",),
-    description="1-5 judge score and reason for every instantiated pair; kept = score >= min.",
+    description="1-5 judge score and reason for every instantiated pair; kept = score >= min. "
+                "status: ok (scored), error (no score: the reason says why; quarantined) or "
+                "retry (a transient failure the next run tries again; null on rows written "
+                "before statuses existed); attempts: runs that tried it.",
 )
 
 PAIRS = TableDef(

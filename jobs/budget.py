@@ -34,8 +34,10 @@ run's rows, a custom instantiator, a join gone wrong) the pair never reaches ``p
 written to ``quarantine`` (target ``pairs``, the reason, the pair as JSON) and spends no budget,
 or with ``budget.on_ungrounded: fail`` the stage stops before it writes anything.
 
-A document is ready when every one of its matches has an instantiation and every ``ok``
-instantiation has a judgment.
+A document is ready when every one of its matches has a final instantiation and every ``ok``
+instantiation a final judgment (:func:`unready_documents`): a row with status ``retry`` (a
+transient failure the next run retries, :mod:`finelake.faults`) holds its document back; an
+``error`` row (quarantined) does not.
 
     spark-submit jobs/budget.py --conf conf/local.yaml
 """
@@ -141,6 +143,31 @@ def _ledger_buckets(lake, buckets: int):
     return ledger
 
 
+def unready_documents(lake):
+    """Document ids (possibly repeated) with unfinished work upstream, not ready for budget:
+
+    * a match without a *final* instantiation (no row, or status ``retry``);
+    * an ``ok`` instantiation without a final judgment (no row, or status ``retry``).
+
+    ``error`` rows are final (quarantined, :mod:`finelake.faults`): they do not hold a document
+    back. Judgments written before statuses existed (null status) are final.
+    """
+    from pyspark.sql import functions as F
+
+    lake.add_missing_columns(INSTANTIATIONS)
+    lake.add_missing_columns(JUDGMENTS)
+    inst = lake.read(INSTANTIATIONS)
+    final_inst = inst.where("status <> 'retry'")
+    final_judged = lake.read(JUDGMENTS).where(F.coalesce("status", F.lit("")) != "retry")
+    return (lake.read(MATCHES).select("doc_id", "template_id")
+            .join(final_inst.select("doc_id", "template_id"), ["doc_id", "template_id"],
+                  "left_anti")
+            .select("doc_id")
+            .union(inst.where("status = 'ok'").select("pair_key", "doc_id")
+                   .join(final_judged.select("pair_key"), "pair_key", "left_anti")
+                   .select("doc_id")))
+
+
 def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
     """Extend the budget walks over newly ready documents, then derive ``pairs`` from the ledger.
 
@@ -168,13 +195,7 @@ def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> Stage
     judged = require(ctx, JUDGMENTS, "judge")
     inst = lake.read(INSTANTIATIONS)
     processed = require(ctx, MATCH_LOG, "match").select("doc_id")
-    # Documents with unfinished work upstream are not ready.
-    unfinished = (lake.read(MATCHES).select("doc_id", "template_id")
-                  .join(inst.select("doc_id", "template_id"), ["doc_id", "template_id"], "left_anti")
-                  .select("doc_id")
-                  .union(inst.where("status = 'ok'").select("pair_key", "doc_id")
-                         .join(judged.select("pair_key"), "pair_key", "left_anti").select("doc_id")))
-    ready = processed.join(unfinished, "doc_id", "left_anti")
+    ready = processed.join(unready_documents(lake), "doc_id", "left_anti")
     ledger = _ledger_buckets(lake, buckets)
     new_docs = ready.join(ledger.select("doc_id"), "doc_id", "left_anti") if ledger is not None else ready
 

@@ -61,11 +61,78 @@ def chunks(items: list, size: int) -> Iterable[list]:
 
 
 def fail_point(name: str, count: int) -> None:
-    """Test hook: raise after ``count`` chunks of stage ``name`` were committed when
-    ``FINELAKE_FAIL_AFTER=<name>:<count>`` is set (simulates a killed job)."""
+    """Test hooks at a point of stage ``name`` where ``count`` chunks (or writes) are committed.
+
+    * ``FINELAKE_FAIL_AFTER=<name>:<count>``: raise (a failed job; the driver lives on).
+    * ``FINELAKE_KILL_AT=<name>:<count>``: the process sends itself SIGKILL when ``count``
+      equals the given number (a killed job: no ``finally``, no cleanup, the JVM loses its
+      driver); used by ``make fault-test`` (tools/fault_test.py).
+    """
     spec = os.environ.get("FINELAKE_FAIL_AFTER", "")
     if spec and spec.split(":")[0] == name and count >= int(spec.split(":")[1]):
         raise RuntimeError(f"FINELAKE_FAIL_AFTER={spec}: simulated failure in {name}")
+    kill = os.environ.get("FINELAKE_KILL_AT", "")
+    if kill and kill.split(":")[0] == name and count == int(kill.split(":")[1]):
+        import signal
+        import sys
+
+        print(f"FINELAKE_KILL_AT={kill}: SIGKILL", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def unfinished(lake, scope, tdef: TableDef, key: str):
+    """The rows of ``scope`` still to do in a model stage writing ``tdef`` (keyed by ``key``):
+    those without a row in ``tdef`` and those whose row has status ``retry`` (a transient failure,
+    :mod:`finelake.faults`), with column ``prior_attempts`` (runs that tried the row before: 0 for
+    a new row). Rows with any other status (null included: rows from before statuses) are final.
+    """
+    from pyspark.sql import functions as F
+
+    if not lake.exists(tdef):
+        return scope.withColumn("prior_attempts", F.lit(0))
+    lake.add_missing_columns(tdef)
+    rows = lake.read(tdef).select(key, F.coalesce("status", F.lit("")).alias("_status"),
+                                  F.coalesce("attempts", F.lit(0)).alias("_attempts"))
+    return (scope.join(rows, key, "left").where("_status IS NULL OR _status = 'retry'")
+            .withColumn("prior_attempts", F.coalesce("_attempts", F.lit(0)).cast("int"))
+            .drop("_status", "_attempts"))
+
+
+RETRY_MERGE = dict(update=True, update_when="t.status = 'retry'")
+"""Merge arguments of the model stages: new rows are inserted, and a row the table holds with
+status ``retry`` is overwritten by its new try; finished rows are never rewritten."""
+
+
+def quarantine_failures(ctx: StageContext, stage: str, tdef: TableDef, key: str, scope=None) -> int:
+    """Copy the ``error`` rows of ``tdef`` (failed for good) to ``quarantine`` (target the table,
+    source ``stage``, ``row_key`` the key, the reason and ``attempts``), insert-only, so a rerun
+    (or a run killed before this point) adds exactly the missing ones.
+
+    Returns:
+        The number of ``error`` rows among ``scope`` (a DataFrame holding ``key``; None: all).
+    """
+    from pyspark.sql import functions as F
+
+    from finelake.tables import QUARANTINE
+
+    lake = ctx.lake
+    if not lake.exists(tdef):
+        return 0
+    failed = lake.read(tdef).where("status = 'error'")
+    reason = "judge_reason" if "judge_reason" in tdef.schema.names else "reason"
+    raw = F.col("raw_output") if "raw_output" in tdef.schema.names else F.lit(None).cast("string")
+    rows = failed.select(
+        F.substring(F.sha1(F.concat_ws("\u0000", F.lit(tdef.name), F.lit(stage), key)), 1, 20)
+        .alias("quarantine_id"),
+        F.lit(tdef.name).alias("target"), F.lit(stage).alias("source"),
+        F.concat(F.lit(f"{key}="), F.col(key)).alias("location"),
+        F.col(reason).alias("reason"), raw.alias("raw"), F.col(key).alias("row_key"),
+        F.col("attempts").cast("int").alias("attempts"))
+    lake.add_missing_columns(QUARANTINE)
+    lake.merge(QUARANTINE, rows, ctx.run_id)
+    if scope is not None:
+        failed = failed.join(scope.select(key), key, "left_semi")
+    return failed.count()
 
 
 def spread(df, key: str, n: int):

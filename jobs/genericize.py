@@ -4,11 +4,19 @@ Each query is turned into an instruction template with ``<fi>description</fi>`` 
 compatible document description by the configured generator, under constrained JSON decoding
 (see :mod:`finelake.method.prompts` for the ``direct`` and ``decomposed`` modes). Every query gets a
 row in ``genericizations``: status ``ok`` with its template, or ``invalid`` / ``no_candidate_span`` /
-``error`` with the reason. Valid templates are merged by content id into ``templates``, keeping the
+``error`` with the reason, or ``retry`` (see Faults below), and ``attempts``, the runs that tried
+it. Valid templates are merged by content id into ``templates``, keeping the
 ids and the count of the queries that gave them.
 
 Work is committed in chunks of ``genericize.chunk_rows`` queries; a rerun skips queries that
-already have a row, so a killed run resumes where it stopped.
+already have a final row, so a killed run resumes where it stopped.
+
+Faults (:mod:`finelake.faults`): a generation that failed transiently (timeout, OOM, dead engine,
+HTTP 429/5xx) leaves the row ``retry``; the next run tries it again (its row is overwritten) up to
+``genericize.max_attempts`` runs, after which it is ``error`` ("gave up after N attempts: ...").
+``error`` rows are copied to ``quarantine`` (target ``genericizations``, source ``genericize``).
+The summary counts them (``quarantined=``) and the rows left to retry (``retry=``); ``finelake
+run`` stops before the index while any are left, so templates come from a settled table.
 
     spark-submit jobs/genericize.py --conf conf/local.yaml [--max-queries N]
 """
@@ -21,9 +29,9 @@ import logging
 
 import pandas as pd
 
-from finelake.jobs.common import (call_meter, commit_in_chunks, count_outcomes, job_main,
-                                  limit_ordered, map_rows, model_label, model_spec, record_meter,
-                                  require)
+from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, count_outcomes,
+                                  job_main, limit_ordered, map_rows, model_label, model_spec,
+                                  quarantine_failures, record_meter, require, unfinished)
 from finelake.method import prompts, templates
 from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
 from finelake.runtime import StageContext, StageStats
@@ -36,12 +44,15 @@ log = logging.getLogger(__name__)
 
 
 def genericize_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_slots: int,
-                    prompt_version: str) -> list[dict]:
-    """Executor side: a batch of queries (query_id, query) in, ``genericizations`` rows out.
+                    prompt_version: str, max_attempts: int = 3) -> list[dict]:
+    """Executor side: a batch of queries (query_id, query, optional prior_attempts) in,
+    ``genericizations`` rows out, each with ``attempts`` = prior_attempts + 1.
 
     The model is reached through :func:`finelake.udfs.generation.generate_frame` (loaded once per
-    Python worker). A failed generation gives status ``error`` for that row only.
+    Python worker). A failed generation affects that row only: status ``retry`` when the error is
+    transient and attempts are left, else ``error`` (:func:`finelake.faults.settle`).
     """
+    from finelake.faults import settle
     from finelake.udfs.generation import generate_frame
 
     label = model_label(spec)
@@ -56,14 +67,20 @@ def genericize_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_slots: int,
     for j, i in enumerate(todo):
         out[i] = gen.iloc[j]
     rows = []
+    prior = (pdf["prior_attempts"].fillna(0).astype(int).tolist() if "prior_attempts" in pdf
+             else [0] * len(pdf))
     for i, (qid, q) in enumerate(zip(pdf["query_id"], pdf["query"])):
-        base = {"query_id": qid, "model_id": label, "prompt_version": prompt_version}
+        base = {"query_id": qid, "model_id": label, "prompt_version": prompt_version,
+                "attempts": prior[i] + 1}
         g = out[i]
         if reqs[i] is None:
             rows.append({**base, "status": "invalid", "reason": "no_candidate_span"})
             continue
         if g is None or (isinstance(g["error"], str) and g["error"]):
-            rows.append({**base, "status": "error", "reason": f"generation_error: {g['error'] if g is not None else 'missing'}"})
+            status, reason = settle(
+                f"generation_error: {g['error'] if g is not None else 'missing'}",
+                base["attempts"], max_attempts)
+            rows.append({**base, "status": status, "reason": reason})
             continue
         text = g["text"] if isinstance(g["text"], str) else None
         res = prompts.parse_genericize(q, reqs[i], text, mode)
@@ -79,12 +96,13 @@ def genericize_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_slots: int,
 
 
 def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
-    """Genericize the (first ``max_queries``, by id) queries that have no row yet, then rebuild
+    """Genericize the (first ``max_queries``, by id) queries that have no final row yet (none, or ``retry``), then rebuild
     ``templates`` from all ``ok`` rows.
 
     Returns:
         Stats: rows_in = queries considered, rows_out = valid templates this run, dropped by
-        reason, skipped = queries already genericized.
+        ``status:reason``, skipped = queries already genericized, quarantined = ``error`` rows,
+        ``extra["retry"]`` = rows left with status ``retry``.
 
     Raises:
         FinelakeError: ``queries`` does not exist (run ``finelake ingest``).
@@ -98,17 +116,13 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
     queries = limit_ordered(require(ctx, QUERIES, "ingest").select("query_id", "query"), "query_id", n)
     queries = queries.cache()
     stats.rows_in = queries.count()
-    if lake.exists(GENERICIZATIONS):
-        done = lake.read(GENERICIZATIONS).select("query_id")
-        pending = queries.join(done, "query_id", "left_anti")
-    else:
-        pending = queries
-    pending = pending.cache()
+    # New queries and those whose last try failed transiently (status retry).
+    pending = unfinished(lake, queries, GENERICIZATIONS, "query_id").cache()
     n_pending = pending.count()
     stats.skipped = stats.rows_in - n_pending
     spec = model_spec(gcfg.model or cfg.models.generator)
     fn = functools.partial(genericize_rows, spec=spec, mode=gcfg.mode, max_slots=gcfg.max_slots,
-                           prompt_version=gcfg.prompt_version)
+                           prompt_version=gcfg.prompt_version, max_attempts=gcfg.max_attempts)
     # One GPU per task on GPU clusters; chunks big enough for a whole batch per GPU task.
     plan = plan_stage(ctx.spark, RESOURCES)
     meter = call_meter(ctx.spark)
@@ -118,7 +132,8 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
     commit_in_chunks(ctx, STAGE, GENERICIZATIONS, pending, "query_id",
                      stats.rows_in if n_pending else 0, size,
                      lambda part: map_rows(part, fn, GENERICIZATIONS, min_rows=spec["batch_size"],
-                                           meter=meter, profile=plan.profile), plan=plan)
+                                           meter=meter, profile=plan.profile), plan=plan,
+                     **RETRY_MERGE)
     record_meter(stats, meter)
     queries.unpersist()
     pending.unpersist()
@@ -126,6 +141,8 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
     # Account for every query of this run, then rebuild the merged templates.
     gen = lake.read(GENERICIZATIONS).join(queries.select("query_id"), "query_id", "left_semi")
     count_outcomes(stats, gen)
+    stats.quarantined = quarantine_failures(ctx, STAGE, GENERICIZATIONS, "query_id", queries)
+    stats.extra["retry"] = gen.where("status = 'retry'").count()
     ok = lake.read(GENERICIZATIONS).where("status = 'ok'")
     merged = (ok.groupBy("template_id").agg(
         F.first("template").alias("template"),

@@ -5,11 +5,20 @@ and answers mostly by excerpt: ``<excerpt>start<...>end</excerpt>`` pointers are
 only where they match exactly one span of the document, the excerpted share of the answer is
 computed, and pairs under ``instantiate.min_excerpt_ratio`` (0.8) are kept as ``excerpt_rejected``
 with that reason. An incompatible pair is recorded as ``null``, not forced. Every match gets one
-row: ``ok``, ``null``, ``excerpt_rejected``, ``invalid`` or ``error``.
+row: ``ok``, ``null``, ``excerpt_rejected``, ``invalid``, ``error`` or ``retry``, with
+``attempts`` (the runs that tried it).
+
+Faults (:mod:`finelake.faults`): a generation that failed transiently (timeout, OOM, dead engine,
+HTTP 429/5xx) leaves the row ``retry``; the next run tries it again (the row is overwritten) up
+to ``instantiate.max_attempts`` runs, then it is ``error`` ("gave up after N attempts: ...").
+``error`` rows are copied to ``quarantine`` (target ``instantiations``, source ``instantiate``);
+the summary counts them (``quarantined=``) and the rows left to retry (``retry=``). A document
+with a ``retry`` row is not ready for budget.
 
 Requests are grouped by document and the document comes first in the prompt, so requests for
 the same document share their prefix (vLLM prefix caching; llama.cpp KV-cache reuse). Work is
-committed ``instantiate.chunk_documents`` documents at a time; a rerun skips finished pairs, so a
+committed ``instantiate.chunk_documents`` documents at a time; a rerun skips finished pairs (any
+status but ``retry``), so a
 killed run resumes and ends with the same rows as an uninterrupted one (greedy decoding).
 
     spark-submit jobs/instantiate.py --conf conf/local.yaml
@@ -24,8 +33,10 @@ from typing import Optional
 
 import pandas as pd
 
-from finelake.jobs.common import (call_meter, commit_in_chunks, count_outcomes, job_main, map_rows,
-                                  model_label, model_spec, record_meter, require, stable_hash)
+from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, count_outcomes,
+                                  job_main, map_rows, model_label, model_spec,
+                                  quarantine_failures, record_meter, require, stable_hash,
+                                  unfinished)
 from finelake.method import prompts
 from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
 from finelake.runtime import StageContext, StageStats
@@ -46,15 +57,20 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
                      min_excerpt_ratio: float, max_answer_sentences: int,
                      prompt_version: str, min_sentence_chars: int = 40,
                      grounding_min_run_chars: int = 20, max_document_tokens: Optional[int] = None,
-                     tokenizer: Optional[str] = None) -> list[dict]:
-    """Executor side: (doc_id, template_id, text, template) rows, grouped by document, in;
-    ``instantiations`` rows out. The model is reached through the UDF layer (once per worker).
+                     tokenizer: Optional[str] = None, max_attempts: int = 3) -> list[dict]:
+    """Executor side: (doc_id, template_id, text, template, optional prior_attempts) rows, grouped
+    by document, in; ``instantiations`` rows out, each with ``attempts`` = prior_attempts + 1. The
+    model is reached through the UDF layer (once per worker). A failed generation is ``retry``
+    when transient with attempts left, else ``error`` (:func:`finelake.faults.settle`).
 
     With ``max_document_tokens`` each document is cut to that many ``tokenizer`` tokens (on a
     token boundary, and never past ``max_document_chars``) before its prompt is built."""
+    from finelake.faults import settle
     from finelake.udfs.generation import generate_frame
 
     label = model_label(spec)
+    prior = (pdf["prior_attempts"].fillna(0).astype(int).tolist() if "prior_attempts" in pdf
+             else [0] * len(pdf))
     limits = [max_document_chars] * len(pdf)
     if max_document_tokens:
         from finelake.models.tokenizer import prefix_chars
@@ -74,10 +90,12 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
         doc_id, tid, doc, tpl = (pdf["doc_id"].iloc[i], pdf["template_id"].iloc[i],
                                  pdf["text"].iloc[i], pdf["template"].iloc[i])
         base = {"pair_key": pair_key(doc_id, tid), "doc_id": doc_id, "template_id": tid,
-                "model_id": label, "prompt_version": prompt_version}
+                "model_id": label, "prompt_version": prompt_version, "attempts": prior[i] + 1}
         g = gen.iloc[i]
         if isinstance(g["error"], str) and g["error"]:
-            rows.append({**base, "status": "error", "reason": f"generation_error: {g['error']}"})
+            status, reason = settle(f"generation_error: {g['error']}", base["attempts"],
+                                    max_attempts)
+            rows.append({**base, "status": status, "reason": reason})
             continue
         text = g["text"] if isinstance(g["text"], str) else None
         o = prompts.parse_instantiate(doc, tpl, r, text, mode, min_excerpt_ratio,
@@ -89,8 +107,8 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
 
 
 def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
-    """Instantiate every match that has no ``instantiations`` row yet (documents limited as in
-    ``match``).
+    """Instantiate every match that has no final ``instantiations`` row yet (none, or ``retry``;
+    documents limited as in ``match``).
 
     Raises:
         FinelakeError: matches, documents or templates missing.
@@ -107,9 +125,8 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
         matches = matches.join(keep, "doc_id", "left_semi")
     matches = matches.withColumn("pair_key", F.substring(F.sha1(F.concat_ws("\u0000", "doc_id", "template_id")), 1, 20)).cache()
     stats.rows_in = matches.count()
-    pending = matches
-    if lake.exists(INSTANTIATIONS):
-        pending = matches.join(lake.read(INSTANTIATIONS).select("pair_key"), "pair_key", "left_anti")
+    # New pairs and those whose last try failed transiently (status retry).
+    pending = unfinished(lake, matches, INSTANTIATIONS, "pair_key")
     work = (pending.join(lake.read(DOCUMENTS).select("doc_id", "text"), "doc_id")
             .join(lake.read(TEMPLATES).select("template_id", "template"), "template_id")
             .drop("pair_key")).cache()
@@ -126,7 +143,7 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
                            min_sentence_chars=ic.min_sentence_chars,
                            grounding_min_run_chars=ic.grounding_min_run_chars,
                            max_document_tokens=ic.max_document_tokens,
-                           tokenizer=cfg.tokenizer.model)
+                           tokenizer=cfg.tokenizer.model, max_attempts=ic.max_attempts)
     # One GPU per task on GPU clusters; chunks of documents whose matches fill a batch per task
     # (matches per document from the whole scope, so a resumed run sizes chunks the same).
     plan = plan_stage(ctx.spark, RESOURCES)
@@ -137,12 +154,14 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
     commit_in_chunks(ctx, STAGE, INSTANTIATIONS, work, "doc_id", n_docs, size,
                      lambda part: map_rows(part, fn, INSTANTIATIONS, min_rows=spec["batch_size"],
                                            meter=meter, profile=plan.profile),
-                     order=("sample_rank",), plan=plan)
+                     order=("sample_rank",), plan=plan, **RETRY_MERGE)
     record_meter(stats, meter)
     lake.create(INSTANTIATIONS)  # empty when no document had a match: later stages still read it
     work.unpersist()
     rows = lake.read(INSTANTIATIONS).join(matches.select("pair_key"), "pair_key", "left_semi")
     count_outcomes(stats, rows)
+    stats.quarantined = quarantine_failures(ctx, STAGE, INSTANTIATIONS, "pair_key", matches)
+    stats.extra["retry"] = rows.where("status = 'retry'").count()
     matches.unpersist()
     lake.register(INSTANTIATIONS)
     return stats.finish()

@@ -6,6 +6,19 @@ user can ask in SQL why pairs were dropped::
 
     finelake sql "SELECT judge_score, count(*) FROM finelake.judgments GROUP BY 1 ORDER BY 1"
 
+Rows (``judgments``): ``status`` ``ok`` (scored; ``kept`` = score >= min), ``error`` (no score:
+a reply without a valid score, or a failed call that is permanent or out of attempts; the
+reason says why; never kept) or ``retry`` (a transient failure: timeout, OOM, dead engine, HTTP
+429/5xx, :mod:`finelake.faults`; the next run scores it again, up to ``judge.max_attempts``
+runs), and ``attempts`` (runs that tried it). Rows written before statuses existed have a null
+status and are final.
+
+Work is committed ``judge.chunk_rows`` pairs at a time (:func:`finelake.jobs.common.commit_in_chunks`),
+so a killed run loses at most one chunk; a rerun judges only pairs without a final row. ``error``
+rows are copied to ``quarantine`` (target ``judgments``, source ``judge``). The summary counts
+kept pairs as output, scored pairs under the minimum as ``judge_score<min``, errors as
+``error:judge_error``, rows left to retry as ``retry:judge_error`` (and ``retry=``).
+
     spark-submit jobs/judge.py --conf conf/local.yaml
 """
 
@@ -16,8 +29,9 @@ import logging
 
 import pandas as pd
 
-from finelake.jobs.common import call_meter, job_main, map_rows, record_meter, require, spread
-from finelake.resources import MODEL_STAGE, model_worker_pool, plan_stage
+from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, job_main, map_rows,
+                                  quarantine_failures, record_meter, require, unfinished)
+from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import INSTANTIATIONS, JUDGMENTS
 
@@ -27,60 +41,91 @@ RESOURCES = MODEL_STAGE
 log = logging.getLogger(__name__)
 
 
-def judge_rows(pdf: pd.DataFrame, spec: dict, min_score: int, prompt_version: str) -> list[dict]:
-    """Executor side: (pair_key, doc_id, template_id, instruction, answer) in, ``judgments`` rows
-    out; a pair whose score could not be obtained is not kept and its reason says why."""
+def judge_rows(pdf: pd.DataFrame, spec: dict, min_score: int, prompt_version: str,
+               max_attempts: int = 3) -> list[dict]:
+    """Executor side: (pair_key, doc_id, template_id, instruction, answer, optional
+    prior_attempts) in, ``judgments`` rows out (status, attempts = prior_attempts + 1; see the
+    module docstring). A pair whose score could not be obtained is not kept and its reason says
+    why; it is ``retry`` when the failure is transient and attempts are left
+    (:func:`finelake.faults.settle`)."""
+    from finelake.faults import settle
     from finelake.udfs.judge import judge_frame
 
     j = judge_frame(spec, pdf)
+    prior = (pdf["prior_attempts"].fillna(0).astype(int).tolist() if "prior_attempts" in pdf
+             else [0] * len(pdf))
     rows = []
     for i in range(len(pdf)):
         s = j["judge_score"].iloc[i]
         score = None if s is None or pd.isna(s) else int(s)
+        reason = j["judge_reason"].iloc[i]
+        attempts = prior[i] + 1
+        status = "ok"
+        if score is None:
+            status, reason = settle(reason or "judge_error: no score", attempts, max_attempts)
         rows.append({"pair_key": pdf["pair_key"].iloc[i], "doc_id": pdf["doc_id"].iloc[i],
                      "template_id": pdf["template_id"].iloc[i], "judge_score": score,
-                     "judge_reason": j["judge_reason"].iloc[i],
-                     "kept": score is not None and score >= min_score,
-                     "judge_model": j["judge_model"].iloc[i], "prompt_version": prompt_version})
+                     "judge_reason": reason, "kept": score is not None and score >= min_score,
+                     "judge_model": j["judge_model"].iloc[i], "prompt_version": prompt_version,
+                     "status": status, "attempts": attempts})
     return rows
 
 
 def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
-    """Judge every ok instantiation without a judgment yet.
+    """Judge every ok instantiation without a final judgment yet (none, or ``retry``), in
+    committed chunks of ``judge.chunk_rows`` pairs.
+
+    Returns:
+        Stats: rows_in = ok instantiations, rows_out = kept, dropped ``judge_score<min`` /
+        ``error:judge_error`` / ``retry:judge_error``, quarantined = ``error`` rows,
+        ``extra["retry"]`` = rows left to retry, ``scores`` = the score distribution.
 
     Raises:
         FinelakeError: ``instantiations`` missing (run ``finelake instantiate``).
     """
+    from pyspark.sql import functions as F
+
     cfg, lake = ctx.cfg, ctx.lake
     stats = StageStats(STAGE)
     ok = (require(ctx, INSTANTIATIONS, "instantiate").where("status = 'ok'")
           .select("pair_key", "doc_id", "template_id", "instruction", "answer")).cache()
     stats.rows_in = ok.count()
-    pending = ok
-    if lake.exists(JUDGMENTS):
-        pending = ok.join(lake.read(JUDGMENTS).select("pair_key"), "pair_key", "left_anti")
+    pending = unfinished(lake, ok, JUDGMENTS, "pair_key").cache()
     n_pending = pending.count()
     stats.skipped = stats.rows_in - n_pending
     if n_pending:
         spec = cfg.models.judge.model_dump()
         fn = functools.partial(judge_rows, spec=spec, min_score=cfg.judge.min_score,
-                               prompt_version=cfg.judge.prompt_version)
-        # One GPU per task on GPU clusters, each task's rows in one judge call (batch_size).
+                               prompt_version=cfg.judge.prompt_version,
+                               max_attempts=cfg.judge.max_attempts)
+        # One GPU per task on GPU clusters, each task's rows in judge calls of batch_size.
         plan = plan_stage(ctx.spark, RESOURCES)
         meter = call_meter(ctx.spark)
-        log.info("%s: %s", STAGE, plan.note)
-        with model_worker_pool(ctx.spark):
-            judged = map_rows(spread(pending, "pair_key", plan.tasks), fn, JUDGMENTS,
-                              min_rows=spec["batch_size"], meter=meter, profile=plan.profile)
-        lake.merge(JUDGMENTS, judged, ctx.run_id)
+        size = chunk_size(cfg.judge.chunk_rows, spec["batch_size"], plan.tasks)
+        log.info("%s: %s; %d pairs per chunk", STAGE, plan.note, size)
+        # Chunks are drawn over every ok pair, not the pending ones (see commit_in_chunks).
+        commit_in_chunks(ctx, STAGE, JUDGMENTS, pending, "pair_key", stats.rows_in, size,
+                         lambda part: map_rows(part, fn, JUDGMENTS, min_rows=spec["batch_size"],
+                                               meter=meter, profile=plan.profile),
+                         plan=plan, **RETRY_MERGE)
         record_meter(stats, meter)
+    pending.unpersist()
     lake.create(JUDGMENTS)  # empty when nothing was instantiated: budget still reads it
+    lake.add_missing_columns(JUDGMENTS)
     j = lake.read(JUDGMENTS).join(ok.select("pair_key"), "pair_key", "left_semi")
-    for r in j.groupBy("kept").count().collect():
-        if r["kept"]:
+    # Rows from before statuses: a score is ok, none an error.
+    outcome = F.coalesce("status", F.when(F.col("judge_score").isNull(), "error").otherwise("ok"))
+    for r in j.groupBy(outcome.alias("outcome"), "kept").count().collect():
+        if r["outcome"] == "ok" and r["kept"]:
             stats.rows_out += r["count"]
-        else:
+        elif r["outcome"] == "ok":
             stats.drop(f"judge_score<{cfg.judge.min_score}", r["count"])
+        else:
+            stats.drop(f"{r['outcome']}:judge_error", r["count"])
+            if r["outcome"] == "retry":
+                stats.extra["retry"] = stats.extra.get("retry", 0) + r["count"]
+    stats.extra.setdefault("retry", 0)
+    stats.quarantined = quarantine_failures(ctx, STAGE, JUDGMENTS, "pair_key", ok)
     dist = {int(r["judge_score"]) if r["judge_score"] is not None else None: r["count"]
             for r in j.groupBy("judge_score").count().collect()}
     stats.extra["scores"] = "{" + ", ".join(f"{k}:{v}" for k, v in sorted(dist.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))) + "}"

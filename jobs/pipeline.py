@@ -1,7 +1,9 @@
 """The whole pipeline: ingest -> genericize -> index -> match -> instantiate -> judge -> budget -> report.
 
 Each stage reads and writes Delta tables through the table layer and skips finished work, so a
-rerun changes nothing and a killed run resumes. Stage statistics of the run are saved to
+rerun changes nothing and a killed run resumes. A run stops before the index while genericize left
+rows to retry, and before budget while instantiate or judge did (:func:`retry_gate`): rerunning
+retries them, and the eventual tables equal those of a run without faults. Stage statistics of the run are saved to
 ``<lake>/_runs/<run_id>.json`` for ``finelake report``.
 
     spark-submit jobs/pipeline.py --conf conf/local.yaml          # = finelake run
@@ -53,8 +55,6 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
     Raises:
         FinelakeError: after ingest, when the queries or documents table has no row.
     """
-    import importlib
-
     from finelake.jobs.ingest import run_ingest, sample_path
 
     if queries is None and documents is None:
@@ -65,11 +65,9 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
     for s in out:
         print(s.summary(), flush=True)
     _require_ingested_rows(ctx, out)
-    for stage in STAGES:
-        mod = importlib.import_module(f"finelake.jobs.{stage}")
-        st = getattr(mod, f"run_{stage}")(ctx, max_queries=max_queries, max_documents=max_documents)
-        print(st.summary(), flush=True)
-        out.append(st)
+    if not run_stages(ctx, out, max_queries=max_queries, max_documents=max_documents):
+        save_run_stats(ctx, out)
+        return out
     save_run_stats(ctx, out)
     if report:
         from finelake.jobs.report import run_report
@@ -77,6 +75,53 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
         path = run_report(ctx)
         print(f"report written to {path}", flush=True)
     return out
+
+
+GATES = {"index": ("genericize",), "budget": ("instantiate", "judge")}
+"""Stage -> the model stages whose retryable rows hold it back in ``finelake run``."""
+
+
+def retry_gate(stage: str, done: list[StageStats]) -> str:
+    """Why ``finelake run`` must not start ``stage`` yet ("" when it may).
+
+    A stage waits while a model stage it depends on left rows with status ``retry`` in this run
+    (:mod:`finelake.faults`): the index is built only from a settled ``genericizations`` table
+    (templates that arrive later would change what documents already matched were sampled from),
+    and budget walks only when no instantiation or judgment of the run is left to retry (a
+    document that became ready a run later would be walked after the others, so the ledger would
+    depend on when faults happened). Rows are retried at most ``max_attempts`` runs, so a few
+    reruns always get past the gate; a stage run on its own (``finelake budget``) is not gated:
+    budget then leaves the documents with retryable rows for later (:func:`unready_documents`).
+    """
+    by = {s.stage: s for s in done}
+    held = [f"{by[g].extra['retry']} {g} row(s) to retry" for g in GATES.get(stage, ())
+            if g in by and by[g].extra.get("retry")]
+    return ", ".join(held)
+
+
+def run_stages(ctx: StageContext, out: list[StageStats], max_queries=None,
+               max_documents=None) -> bool:
+    """The stages after ingest (:data:`STAGES`) in order, each summary printed and appended to
+    ``out``; stops before a stage :func:`retry_gate` holds back (printing ``[run] stopped before
+    <stage>: ...``).
+
+    Returns:
+        True when every stage ran, False when the run stopped at a gate.
+    """
+    import importlib
+
+    for stage in STAGES:
+        held = retry_gate(stage, out)
+        if held:
+            print(f"[run] stopped before {stage}: {held}; rerun 'finelake run' to retry them "
+                  f"(each row at most <stage>.max_attempts runs, then it is quarantined)",
+                  flush=True)
+            return False
+        mod = importlib.import_module(f"finelake.jobs.{stage}")
+        st = getattr(mod, f"run_{stage}")(ctx, max_queries=max_queries, max_documents=max_documents)
+        print(st.summary(), flush=True)
+        out.append(st)
+    return True
 
 
 def _require_ingested_rows(ctx: StageContext, ingested: list[StageStats]) -> None:

@@ -19,10 +19,16 @@ is loaded with ``CUDA_VISIBLE_DEVICES`` set to those addresses, so the engine (a
 spawns) sees exactly the GPU Spark gave the task, not GPU 0. A resident model loaded under other
 addresses is closed and loaded again.
 
+**Faults.** A model whose ``generate()`` / ``score()`` raised an engine-level error (a dead
+engine, out of memory: :func:`finelake.faults.is_engine_fault`) is closed and dropped by
+:func:`evict` (called by :mod:`finelake.udfs.generation` and :mod:`finelake.udfs.judge`), so the
+next batch loads a fresh one instead of failing on the dead one; the failed batch's rows are
+retryable (:mod:`finelake.faults`).
+
 **Log.** Loads, evictions and each task's first use of its model go to the ``finelake.udfs.cache``
 logger and, when ``$FINELAKE_LOAD_LOG`` names a file, as one JSON object per line
 (``event``: ``load`` / ``evict`` / ``task``; ``pid``, ``executor``, ``kind``, ``key``, ``gpus``,
-``resident`` = models held after the event, ``seconds`` for loads; ``task`` events add ``stage``,
+``resident`` = models held after the event, ``seconds`` for loads, ``reason`` for evictions; ``task`` events add ``stage``,
 ``partition``, ``attempt``), so a test or the cluster check can verify it across Spark's processes.
 """
 
@@ -205,6 +211,27 @@ def get_or_load(kind: str, spec: dict, loader: Callable[[], Any], exclusive: boo
         if exclusive:
             _note_task(kind, key, gpus)
     return m
+
+
+EVICTIONS: dict[str, int] = {}
+"""How many times each key was evicted after a fault in this process (:func:`evict`)."""
+
+
+def evict(kind: str, spec: dict, reason: str) -> bool:
+    """Close and drop the cached (kind, spec) model after a fault that left it unusable (a dead
+    engine, out of memory: :func:`finelake.faults.is_engine_fault`), so the next batch that needs
+    it loads it again. Logged as an ``evict`` event with ``reason``.
+
+    Returns:
+        True when the model was held (and is now dropped), False when it was not.
+    """
+    key = cache_key(kind, spec)
+    with _LOCK:
+        if key not in _MODELS:
+            return False
+        _evict(key, kind, reason=reason)
+        EVICTIONS[key] = EVICTIONS.get(key, 0) + 1
+    return True
 
 
 def resident() -> list[str]:

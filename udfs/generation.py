@@ -11,6 +11,11 @@ Input columns: ``messages`` (JSON string of ``[{"role", "content"}, ...]``), opt
 ``prompt_tokens`` / ``completion_tokens`` (int, 0 on error), ``finish_reason`` (string),
 ``error`` (string, null on success). A row that cannot be parsed or fails in the model gets
 ``error``; it never fails the Spark task. Only a model that cannot be loaded raises.
+
+When ``generate()`` raises an engine-level error (:func:`finelake.faults.is_engine_fault`: a dead
+engine, out of memory), every row of the batch gets that error (transient, so the stages mark the
+rows ``retry``) and the cached generator is evicted (:func:`finelake.udfs.cache.evict`): the next
+batch loads a fresh engine.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from finelake.models.base import GenerationBackend, GenerationRequest, GenerationResult
-from finelake.udfs.cache import get_or_load, record_call
+from finelake.faults import is_engine_fault
+from finelake.udfs.cache import evict, get_or_load, record_call
 
 OUTPUT_COLUMNS = ["text", "prompt_tokens", "completion_tokens", "finish_reason", "error"]
 OUTPUT_DDL = ("text string, prompt_tokens int, completion_tokens int, finish_reason string, "
@@ -142,6 +148,8 @@ def generate_frame(model_cfg: Mapping[str, Any], pdf: pd.DataFrame) -> pd.DataFr
         except Exception as exc:  # noqa: BLE001 - backends should not raise; never fail the task
             outs = [GenerationResult(text=None, error=f"{type(exc).__name__}: {exc}")
                     for _ in reqs]
+            if is_engine_fault(exc):  # the engine is gone (or out of memory): reload next batch
+                evict("generator", spec, reason=f"{type(exc).__name__}: {exc}"[:200])
         for (i, _), res in zip(todo, outs):
             results[i] = res
     return pd.DataFrame({
