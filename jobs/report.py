@@ -31,16 +31,24 @@ def funnel(lake: Lake) -> list[tuple[str, int]]:
     g = Counter(_col(lake, GENERICIZATIONS, ["status"])["status"])
     inst = Counter(_col(lake, INSTANTIATIONS, ["status"])["status"])
     judged = Counter(_col(lake, JUDGMENTS, ["kept"])["kept"])
+    try:
+        retry_judged = Counter(_col(lake, JUDGMENTS, ["status"])["status"]).get("retry", 0)
+    except Exception:  # noqa: BLE001 - a lake from before judgment statuses
+        retry_judged = 0
     ml = _col(lake, MATCH_LOG, ["candidates", "sampled"])
     ledger = _col(lake, BUDGET_LEDGER, ["dropped_over_budget"])
     quarantined = Counter(_col(lake, QUARANTINE, ["target"])["target"])
     refused = quarantined.pop(PAIRS.name, 0)
+    # model-stage rows that failed for good (finelake.faults) are not input rows
+    failed = {t: quarantined.pop(t, 0) for t in (GENERICIZATIONS.name, INSTANTIATIONS.name,
+                                                 JUDGMENTS.name)}
     return [
         ("queries ingested", len(_col(lake, QUERIES, ["query_id"])["query_id"])),
         ("input rows quarantined (both tables)", sum(quarantined.values())),
         ("queries genericized", sum(g.values())),
         ("  valid templates (per query)", g.get("ok", 0)),
         ("  invalid / no template", sum(v for k, v in g.items() if k != "ok")),
+        ("  of which failed for good (error, quarantined)", failed[GENERICIZATIONS.name]),
         ("unique templates", len(_col(lake, TEMPLATES, ["template_id"])["template_id"])),
         ("documents ingested", len(_col(lake, DOCUMENTS, ["doc_id"])["doc_id"])),
         ("documents processed (matched)", len(ml["candidates"])),
@@ -50,7 +58,11 @@ def funnel(lake: Lake) -> list[tuple[str, int]]:
         ("  null (incompatible)", inst.get("null", 0)),
         ("  excerpt-rejected", inst.get("excerpt_rejected", 0)),
         ("  invalid output / error", inst.get("invalid", 0) + inst.get("error", 0)),
-        ("judged out (score < min)", judged.get(False, 0)),
+        ("  of which failed for good (error, quarantined)", failed[INSTANTIATIONS.name]),
+        ("judged out (score < min, or no score)", judged.get(False, 0)),
+        ("  of which no score (error, quarantined)", failed[JUDGMENTS.name]),
+        ("rows left to retry (genericize / instantiate / judge)",
+         g.get("retry", 0) + inst.get("retry", 0) + retry_judged),
         ("over token budget", int(sum(ledger["dropped_over_budget"]))),
         ("refused at budget: answer not grounded (quarantined)", refused),
         ("kept pairs", len(_col(lake, PAIRS, ["pair_id"])["pair_id"])),
