@@ -11,14 +11,25 @@ Two engines write the same Delta protocol:
 Either way the result is a real Delta table that both delta-spark and delta-rs read; there is no
 plain-Parquet fallback. Writes are merges on the table's key (reruns never duplicate rows) and every
 commit carries the run id in its commit metadata (``finelake.run_id``).
+
+Merges at scale. Every table keyed on a string column carries a stored ``key_bucket`` column
+(:func:`key_bucket_sql`: a function of its first key column only, identical on both engines) and
+every merge restricts its target to the buckets its source touches (``t.key_bucket IN (...)``),
+so Delta's file skipping reads only the files of those buckets. Stages commit chunks of one
+bucket range each (:func:`chunk_count`), so a chunk's merge costs about the same at any table
+size. ``key_bucket`` is internal: :meth:`Lake.read` and :meth:`Lake.read_arrow` leave it out.
+
+Concurrent writers. Merges retry Delta's commit conflicts (:func:`is_commit_conflict`) with
+exponential backoff and jitter; see :meth:`Lake.merge`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import pyarrow as pa
 
@@ -30,9 +41,108 @@ log = logging.getLogger(__name__)
 RUN_ID_KEY = "finelake.run_id"
 DATA_SOURCE_NAME = "finelake_delta"
 
+KEY_BUCKET = "key_bucket"
+KEY_BUCKET_BITS = 8
+KEY_BUCKETS = 1 << KEY_BUCKET_BITS  # fixed: stored values depend on it (changing it = rewriting)
+_REV = [int(f"{i:0{KEY_BUCKET_BITS}b}"[::-1], 2) for i in range(KEY_BUCKETS)]
+
+T = TypeVar("T")
+
 
 class LakeError(RuntimeError):
-    """A table cannot be read or written (missing, unreadable, wrong schema)."""
+    """A table cannot be read or written (missing, unreadable, wrong schema), or a commit kept
+    conflicting with another writer."""
+
+
+# ----------------------------------------------------------------------------- key buckets
+
+
+def bucketed(tdef: TableDef) -> bool:
+    """Whether the table carries ``key_bucket``: its first key column is a string (every table
+    finelake declares) and it does not declare a column of that name itself."""
+    return pa.types.is_string(tdef.schema.field(tdef.key[0]).type) and KEY_BUCKET not in tdef.columns
+
+
+def key_bucket_sql(column: str) -> str:
+    """Spark SQL for a row's bucket, an int in ``[0, KEY_BUCKETS)``.
+
+    ``b = abs(xxhash64(column)) % KEY_BUCKETS`` is the low bits of the hash that
+    ``jobs/common.py::commit_in_chunks`` splits chunks on (``abs(xxhash64(key)) % n_chunks``);
+    the stored value is ``b`` bit-reversed, so the rows of one chunk (a residue class modulo a
+    power of two, see :func:`chunk_count`) fill one *contiguous* range of stored buckets, which
+    per-file min/max statistics can skip. Null keys hash to 42 as in Spark.
+    """
+    h = f"(abs(xxhash64(`{column}`)) % {KEY_BUCKETS})"
+    bits = " + ".join(f"(((({h}) >> {i}) & 1) << {KEY_BUCKET_BITS - 1 - i})"
+                      for i in range(KEY_BUCKET_BITS))
+    return f"CAST(({bits}) AS INT)"
+
+
+def key_buckets(values: pa.Array) -> pa.Array:
+    """:func:`key_bucket_sql` computed on the driver (delta-rs path): int32, one per value.
+    Exactly Spark's result: XXH64 with seed 42 of the UTF-8 bytes (checked in tests/test_lake.py)."""
+    import xxhash
+
+    out = []
+    for v in values.to_pylist():
+        h = 42 if v is None else xxhash.xxh64_intdigest(str(v).encode("utf-8"), seed=42)
+        if h >= 1 << 63:
+            h -= 1 << 64
+        out.append(_REV[abs(h) % KEY_BUCKETS])
+    return pa.array(out, type=pa.int32())
+
+
+def chunk_count(n_scope: int, chunk_size: int) -> int:
+    """Chunks for ``n_scope`` rows of ``chunk_size`` (>= 1), rounded so chunks align with key
+    buckets: a power of two up to :data:`KEY_BUCKETS`, a multiple of it above. A chunk
+    (``abs(xxhash64(key)) % n``) then covers ``KEY_BUCKETS / n`` contiguous buckets (n <= B) or
+    exactly one (n >= B), so its merge reads only that share of the target. At most 2x the
+    unrounded count (chunks at least half of ``chunk_size``)."""
+    n = max(1, -(-max(0, n_scope) // max(1, chunk_size)))
+    if n <= KEY_BUCKETS:
+        return 1 << (n - 1).bit_length()
+    return -(-n // KEY_BUCKETS) * KEY_BUCKETS
+
+
+def _bucket_filter(buckets, complete: bool, alias: str = "t") -> Optional[str]:
+    """Target-only predicate restricting a merge to ``buckets`` (None: every bucket, no filter).
+    Rows of a table migrated in place have a null bucket until ``finelake optimize`` backfills
+    them, so they are always read (``OR ... IS NULL``) until then."""
+    buckets = sorted({int(b) for b in buckets if b is not None})
+    if not buckets or len(buckets) >= KEY_BUCKETS:
+        return None
+    col = f"{alias}.`{KEY_BUCKET}`"
+    if buckets[-1] - buckets[0] + 1 == len(buckets):
+        cond = f"{col} BETWEEN {buckets[0]} AND {buckets[-1]}"
+    else:
+        cond = f"{col} IN ({', '.join(map(str, buckets))})"
+    return cond if complete else f"({cond} OR {col} IS NULL)"
+
+
+# ----------------------------------------------------------------------------- commit conflicts
+
+_CONFLICT_MARKERS = (
+    "ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+    "ConcurrentTransactionException", "ConcurrentWriteException", "ProtocolChangedException",
+    "MetadataChangedException", "DELTA_CONCURRENT_", "DELTA_PROTOCOL_CHANGED",
+    "DELTA_METADATA_CHANGED", "CommitFailedError",
+)
+
+
+def is_commit_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a Delta commit conflict with another writer:
+    delta-spark's ``Concurrent*Exception`` / ``ProtocolChangedException`` /
+    ``MetadataChangedException`` (also when surfaced as Py4J or ``AnalysisException`` text with a
+    ``DELTA_CONCURRENT_*`` error class) or delta-rs ``CommitFailedError``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        names = {c.__name__ for c in type(exc).__mro__}
+        text = str(exc)[:4000]
+        if any(m in names or m in text for m in _CONFLICT_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @dataclass
@@ -223,10 +333,14 @@ class Lake:
         spark: the session (None: arrow-only access through delta-rs, for tools and tests).
         engine: ``"delta-spark"`` or ``"deltalake"`` (see module docstring).
         database: SQL schema the tables are registered under; ``catalog`` prefixes it (Unity Catalog).
+        commit_attempts: tries of a merge whose commit conflicts with another writer (>= 1).
+        commit_backoff_s: first wait between tries, seconds; doubles each try, with full jitter.
+        commit_backoff_max_s: longest wait between tries, seconds.
     """
 
     def __init__(self, root: str, spark=None, engine: str = "deltalake", database: str = "finelake",
-                 catalog: Optional[str] = None):
+                 catalog: Optional[str] = None, commit_attempts: int = 8,
+                 commit_backoff_s: float = 0.5, commit_backoff_max_s: float = 30.0):
         if engine not in ("delta-spark", "deltalake"):
             raise ValueError(f"engine must be 'delta-spark' or 'deltalake', not {engine!r}")
         self.root = root.rstrip("/")
@@ -234,6 +348,12 @@ class Lake:
         self.engine = engine
         self.database = database
         self.catalog = catalog
+        self.commit_attempts = max(1, int(commit_attempts))
+        self.commit_backoff_s = float(commit_backoff_s)
+        self.commit_backoff_max_s = float(commit_backoff_max_s)
+        self._layouts: dict[str, tuple[bool, bool]] = {}  # path -> (has key_bucket, complete)
+        # tests: called with the table after a merge try read its snapshot, before it commits
+        self._before_commit: Optional[Callable[[TableDef], None]] = None
         if spark is not None and engine == "deltalake" and DeltaSnapshotDataSource is not None:
             spark.dataSource.register(DeltaSnapshotDataSource)
         self._registered: set[str] = set()
@@ -288,14 +408,23 @@ class Lake:
                         "run_id": h.get(RUN_ID_KEY), "timestamp": h.get("timestamp")})
         return out
 
+    def storage_schema(self, tdef: TableDef) -> pa.Schema:
+        """The columns stored: the declared ones plus ``key_bucket`` (int32) when :func:`bucketed`."""
+        if not bucketed(tdef):
+            return tdef.schema
+        return tdef.schema.append(pa.field(KEY_BUCKET, pa.int32()))
+
     def create(self, tdef: TableDef) -> None:
-        """Create the table (empty) when it does not exist yet; a no-op otherwise."""
+        """Create the table (empty) when it does not exist yet; a no-op otherwise. A new table
+        has ``key_bucket`` (:meth:`storage_schema`)."""
         if self.engine == "delta-spark":
             from delta.tables import DeltaTable as SparkDeltaTable
             from pyspark.sql.pandas.types import from_arrow_schema
 
+            if SparkDeltaTable.isDeltaTable(self.spark, self.path(tdef)):
+                return
             b = SparkDeltaTable.createIfNotExists(self.spark).location(self.path(tdef))
-            b = b.addColumns(from_arrow_schema(tdef.schema)).comment(tdef.description)
+            b = b.addColumns(from_arrow_schema(self.storage_schema(tdef))).comment(tdef.description)
             if tdef.partition_by:
                 b = b.partitionedBy(*tdef.partition_by)
             b.execute()
@@ -304,9 +433,63 @@ class Lake:
 
         if not DeltaTable.is_deltatable(self.path(tdef)):
             os.makedirs(self.path(tdef), exist_ok=True) if "://" not in self.root else None
-            DeltaTable.create(self.path(tdef), schema=tdef.schema, mode="ignore", name=tdef.name,
-                              description=tdef.description,
+            DeltaTable.create(self.path(tdef), schema=self.storage_schema(tdef), mode="ignore",
+                              name=tdef.name, description=tdef.description,
                               partition_by=list(tdef.partition_by) or None)
+
+    def _stored_columns(self, tdef: TableDef) -> list[str]:
+        if self.engine == "delta-spark":
+            return self._read_stored(tdef).columns
+        from deltalake import DeltaTable
+
+        return pa.schema(DeltaTable(self.path(tdef)).schema().to_arrow()).names
+
+    def _has_null_buckets(self, tdef: TableDef) -> bool:
+        """Whether a row lacks ``key_bucket`` (written before the column existed). Reads the
+        per-file null counts of the log (delta-rs) or runs a query that data skipping answers
+        from them (delta-spark), not the rows."""
+        if self.engine == "delta-spark":
+            return bool(self._read_stored(tdef).where(f"`{KEY_BUCKET}` IS NULL").limit(1).count())
+        from deltalake import DeltaTable
+
+        actions = DeltaTable(self.path(tdef)).get_add_actions(flatten=True)
+        col = f"null_count.{KEY_BUCKET}"
+        if actions.num_rows == 0:
+            return False
+        if col not in actions.column_names:
+            return True
+        return any(v is None or v > 0 for v in actions.column(col).to_pylist())
+
+    def bucket_layout(self, tdef: TableDef, migrate: bool = True) -> tuple[bool, bool]:
+        """``(has key_bucket, every row has one)`` for an existing table, cached per Lake.
+
+        A table written before ``key_bucket`` existed gets the column (a metadata-only commit, like
+        :meth:`add_missing_columns`) when ``migrate``; its old rows stay null, so merges read them
+        too, until :meth:`backfill_buckets` (run by ``finelake optimize``) fills them in.
+        """
+        path = self.path(tdef)
+        if not bucketed(tdef):
+            return (False, False)
+        if path in self._layouts:
+            return self._layouts[path]
+        if KEY_BUCKET not in self._stored_columns(tdef):
+            if not migrate:
+                return (False, False)
+            self._add_bucket_column(tdef)
+        layout = (True, not self._has_null_buckets(tdef))
+        self._layouts[path] = layout
+        return layout
+
+    def _add_bucket_column(self, tdef: TableDef) -> None:
+        log.info("%s: adding column %s (rows written before it are read by every merge until "
+                 "`finelake optimize` fills it in)", tdef.name, KEY_BUCKET)
+        if self.engine == "delta-spark":
+            loc = self.path(tdef).replace("`", "``")
+            self.spark.sql(f"ALTER TABLE delta.`{loc}` ADD COLUMNS (`{KEY_BUCKET}` int)")
+        else:
+            from deltalake import DeltaTable, Field
+
+            DeltaTable(self.path(tdef)).alter.add_columns([Field(KEY_BUCKET, "integer", nullable=True)])
 
     def add_missing_columns(self, tdef: TableDef) -> list[str]:
         """Add the declared columns an existing table lacks (a lake written before they were
@@ -339,6 +522,42 @@ class Lake:
         return [f.name for f in missing]
 
     # -- writes
+    def _with_retry(self, tdef: TableDef, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, retried on a commit conflict (:func:`is_commit_conflict`) up to
+        ``commit_attempts`` tries with exponential backoff and full jitter (``commit_backoff_s``
+        doubling, at most ``commit_backoff_max_s``); each retry is logged at WARNING.
+
+        Raises:
+            LakeError: still conflicting after the last try (the message says rerunning is safe).
+        """
+        from tenacity import (Retrying, retry_if_exception, stop_after_attempt,
+                              wait_random_exponential)
+
+        def before_sleep(state) -> None:
+            exc = state.outcome.exception()
+            log.warning("%s: %s conflicted with another writer (try %d of %d), retrying in "
+                        "%.1f s: %s", tdef.name, what, state.attempt_number, self.commit_attempts,
+                        state.next_action.sleep if state.next_action else 0.0,
+                        str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+            self._layouts.pop(self.path(tdef), None)  # a metadata change may be what conflicted
+
+        retrying = Retrying(stop=stop_after_attempt(self.commit_attempts),
+                            wait=wait_random_exponential(multiplier=self.commit_backoff_s,
+                                                         max=self.commit_backoff_max_s),
+                            retry=retry_if_exception(is_commit_conflict),
+                            before_sleep=before_sleep, reraise=True)
+        try:
+            return retrying(fn)
+        except Exception as exc:
+            if not is_commit_conflict(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise LakeError(
+                f"{tdef.name}: {what} conflicted with another writer's commit "
+                f"{self.commit_attempts} times and gave up; nothing of this write was committed "
+                f"and rerunning is safe (the merge is on the table key). Last conflict: {first}"
+            ) from exc
+
     def merge(self, tdef: TableDef, rows, run_id: str, update: bool = False,
               update_when: Optional[str] = None) -> MergeResult:
         """Merge rows into the table on its key.
@@ -353,13 +572,25 @@ class Lake:
             update_when: SQL predicate over ``t`` (target) and ``s`` (source) limiting which
                 matched rows are updated, so an unchanged rerun commits nothing new.
 
+        The target is restricted to the key buckets of the source (see the module docstring), so
+        the merge reads about ``table rows x source buckets / KEY_BUCKETS`` target rows.
+
+        Concurrent writers: a commit that conflicts with another writer's (Delta's optimistic
+        concurrency: ``ConcurrentAppendException`` and friends, delta-rs ``CommitFailedError``)
+        commits nothing, and the whole merge is run again against the new table version, with
+        backoff (``commit_attempts``, ``commit_backoff_s``). That is safe for every merge here:
+        the source is computed once (persisted), an insert-only merge on the key inserts exactly
+        the keys still absent whenever it runs, and an update merge re-applies the same values
+        on top of the other writer's (last writer wins per key, as with a later rerun).
+
         Returns:
             :class:`MergeResult`; ``version`` is None when nothing was committed.
 
         Raises:
-            LakeError: rows lack a key column or a column has an incompatible type.
+            LakeError: rows lack a key column or a column has an incompatible type, or the commit
+                still conflicted after ``commit_attempts`` tries.
         """
-        self.create(tdef)
+        self._with_retry(tdef, "create", lambda: self.create(tdef))
         if self.engine == "delta-spark":
             return self._merge_spark(tdef, rows, run_id, update, update_when)
         if not isinstance(rows, pa.Table):
@@ -367,10 +598,25 @@ class Lake:
         data = dedupe_on_key(tdef, conform(tdef, rows, run_id))
         if data.num_rows == 0:
             return MergeResult(tdef.name, 0, 0, 0, None)
+        return self._with_retry(tdef, "merge", lambda: self._merge_rs(tdef, data, run_id, update,
+                                                                      update_when))
+
+    def _merge_rs(self, tdef: TableDef, data: pa.Table, run_id: str, update: bool,
+                  update_when: Optional[str]) -> MergeResult:
+        """One delta-rs merge try of conformed, deduplicated rows."""
         from deltalake import CommitProperties, DeltaTable
 
-        dt = DeltaTable(self.path(tdef))
+        has_bucket, complete = self.bucket_layout(tdef)
         pred = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
+        if has_bucket:
+            buckets = key_buckets(data.column(tdef.key[0]))
+            data = data.append_column(KEY_BUCKET, buckets)
+            flt = _bucket_filter(buckets.to_pylist(), complete)
+            if flt:
+                pred = f"{flt} AND {pred}"
+        dt = DeltaTable(self.path(tdef))
+        if self._before_commit is not None:
+            self._before_commit(tdef)
         m = dt.merge(source=data, predicate=pred, source_alias="s", target_alias="t",
                      commit_properties=CommitProperties(custom_metadata={RUN_ID_KEY: run_id}))
         if update:
@@ -380,8 +626,7 @@ class Lake:
         ins = int(metrics.get("num_target_rows_inserted", 0))
         upd = int(metrics.get("num_target_rows_updated", 0))
         committed = ins or upd or int(metrics.get("num_target_rows_deleted", 0))
-        return MergeResult(tdef.name, ins, upd, data.num_rows,
-                           DeltaTable(self.path(tdef)).version() if committed else None)
+        return MergeResult(tdef.name, ins, upd, data.num_rows, dt.version() if committed else None)
 
     def _merge_spark(self, tdef: TableDef, rows, run_id: str, update: bool,
                      update_when: Optional[str]) -> MergeResult:
@@ -389,55 +634,190 @@ class Lake:
 
         The source is conformed to the table schema and deduplicated on the key exactly as
         :func:`conform` / :func:`dedupe_on_key` do (first row in source order), then persisted,
-        so a source computed by a model UDF runs once, not once per scan of the MERGE. Delta
-        commits nothing when no row changes; that is reported as ``version=None`` like delta-rs.
+        so a source computed by a model UDF runs once, not once per scan of the MERGE (nor per
+        retry). Delta commits nothing when no row changes; that is reported as ``version=None``
+        like delta-rs.
         """
-        from delta.tables import DeltaTable as SparkDeltaTable
         from pyspark import StorageLevel
+        from pyspark.sql import functions as F
 
         if isinstance(rows, pa.Table):
             df = self.spark.createDataFrame(dedupe_on_key(tdef, conform(tdef, rows, run_id)))
         else:
             df = _dedupe_frame(tdef, _conform_frame(tdef, rows, run_id))
+        if bucketed(tdef):
+            df = df.withColumn(KEY_BUCKET, F.expr(key_bucket_sql(tdef.key[0])))
         df = df.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             n = df.count()
             if n == 0:
                 return MergeResult(tdef.name, 0, 0, 0, None)
-            dt = SparkDeltaTable.forPath(self.spark, self.path(tdef))
-            before = dt.history(1).collect()[0]["version"]
-            if update and not self._merge_changes_rows(tdef, df, update_when):
-                # Delta commits a MERGE with a matched clause even when it changes no row.
-                return MergeResult(tdef.name, 0, 0, n, None)
-            self.spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", run_id)
-            try:
-                cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
-                m = dt.alias("t").merge(df.alias("s"), cond)
-                if update:
-                    m = m.whenMatchedUpdateAll(condition=update_when)
-                m.whenNotMatchedInsertAll().execute()
-            finally:
-                self.spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
-            last = dt.history(1).collect()[0]
+            buckets = ([r[0] for r in df.select(KEY_BUCKET).distinct().collect()]
+                       if bucketed(tdef) else [])
+            return self._with_retry(tdef, "merge", lambda: self._merge_spark_once(
+                tdef, df, n, buckets, run_id, update, update_when))
         finally:
             df.unpersist()
-        if last["version"] == before:
-            return MergeResult(tdef.name, 0, 0, n, None)
-        om = last["operationMetrics"] or {}
-        return MergeResult(tdef.name, int(om.get("numTargetRowsInserted", 0)),
-                           int(om.get("numTargetRowsUpdated", 0)), n, last["version"])
 
-    def _merge_changes_rows(self, tdef: TableDef, source, update_when: Optional[str]) -> bool:
-        """Whether an insert-or-update merge of ``source`` would insert or update any row."""
+    def _merge_spark_once(self, tdef: TableDef, df, n: int, buckets: list, run_id: str,
+                          update: bool, update_when: Optional[str]) -> MergeResult:
+        """One delta-spark merge try of a persisted, conformed source with ``key_bucket``."""
+        from delta.tables import DeltaTable as SparkDeltaTable
+
+        has_bucket, complete = self.bucket_layout(tdef)
+        source = df if has_bucket or not bucketed(tdef) else df.drop(KEY_BUCKET)
+        flt = _bucket_filter(buckets, complete) if has_bucket else None
+        dt = SparkDeltaTable.forPath(self.spark, self.path(tdef))
+        before = dt.history(1).collect()[0]["version"]
+        if update and not self._merge_changes_rows(tdef, source, update_when, flt):
+            # Delta commits a MERGE with a matched clause even when it changes no row.
+            return MergeResult(tdef.name, 0, 0, n, None)
+        self.spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", run_id)
+        try:
+            cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
+            if flt:
+                cond = f"{flt} AND {cond}"
+            m = dt.alias("t").merge(source.alias("s"), cond)
+            if update:
+                m = m.whenMatchedUpdateAll(condition=update_when)
+            m.whenNotMatchedInsertAll().execute()
+        finally:
+            self.spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+        # our commit: the newest MERGE after `before` (another writer may have committed too)
+        for h in dt.history(20).collect():
+            if h["version"] > before and h["operation"] == "MERGE" and h["userMetadata"] == run_id:
+                om = h["operationMetrics"] or {}
+                return MergeResult(tdef.name, int(om.get("numTargetRowsInserted", 0)),
+                                   int(om.get("numTargetRowsUpdated", 0)), n, h["version"])
+        return MergeResult(tdef.name, 0, 0, n, None)
+
+    def _merge_changes_rows(self, tdef: TableDef, source, update_when: Optional[str],
+                            target_filter: Optional[str] = None) -> bool:
+        """Whether an insert-or-update merge of ``source`` would insert or update any row
+        (reading only the target rows that ``target_filter``, over alias ``t``, keeps)."""
         from pyspark.sql import functions as F
 
-        target = self.read(tdef).alias("t")
-        s = source.alias("s")
+        target = self._read_stored(tdef).alias("t")
+        if target_filter:
+            target = target.where(target_filter)
+        target = target.drop(KEY_BUCKET).alias("t")
+        s = source.drop(KEY_BUCKET).alias("s")
         if s.join(target, list(tdef.key), "left_anti").limit(1).count():
             return True
         cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
         matched = s.join(target, F.expr(cond))
         return bool((matched.where(update_when) if update_when else matched).limit(1).count())
+
+    # -- maintenance
+    def backfill_buckets(self, tdef: TableDef) -> int:
+        """Fill ``key_bucket`` in rows written before the column existed (one commit), so later
+        merges skip their files. Returns the rows filled (0: nothing to do, nothing committed)."""
+        if not bucketed(tdef) or not self.exists(tdef):
+            return 0
+        has, complete = self.bucket_layout(tdef)
+        if complete:
+            return 0
+        if self.engine == "delta-spark":
+            loc = self.path(tdef).replace("`", "``")
+            n = self._read_stored(tdef).where(f"`{KEY_BUCKET}` IS NULL").count()
+            self._with_retry(tdef, "backfill", lambda: self.spark.sql(
+                f"UPDATE delta.`{loc}` SET `{KEY_BUCKET}` = {key_bucket_sql(tdef.key[0])} "
+                f"WHERE `{KEY_BUCKET}` IS NULL"))
+        else:
+            import pyarrow.compute as pc
+            from deltalake import DeltaTable
+
+            keys = DeltaTable(self.path(tdef)).to_pyarrow_table(columns=[*tdef.key, KEY_BUCKET])
+            keys = keys.filter(pc.is_null(keys.column(KEY_BUCKET))).drop_columns([KEY_BUCKET])
+            n = keys.num_rows
+            if n:
+                src = keys.append_column(KEY_BUCKET, key_buckets(keys.column(tdef.key[0])))
+                pred = " AND ".join(f"t.`{k}` = s.`{k}`" for k in tdef.key)
+
+                def fill():
+                    (DeltaTable(self.path(tdef))
+                     .merge(source=src, predicate=pred, source_alias="s", target_alias="t")
+                     .when_matched_update(updates={KEY_BUCKET: f"s.`{KEY_BUCKET}`"},
+                                          predicate=f"t.`{KEY_BUCKET}` IS NULL").execute())
+                self._with_retry(tdef, "backfill", fill)
+        self._layouts[self.path(tdef)] = (True, True)
+        return n
+
+    def optimize(self, tdef: TableDef) -> dict:
+        """Compact the table's small files, ordered by ``key_bucket`` (``OPTIMIZE ... ZORDER BY
+        (key_bucket)``; on one column that is a range layout) so each file covers a narrow range
+        of buckets and merges keep skipping most files; plain compaction for tables without it.
+
+        Returns:
+            ``{"files_added", "files_removed"}`` (0/0: nothing to do).
+        """
+        if not self.exists(tdef):
+            return {"files_added": 0, "files_removed": 0}
+        has, _ = self.bucket_layout(tdef)
+        if self.engine == "delta-spark":
+            loc = self.path(tdef).replace("`", "``")
+            sql = f"OPTIMIZE delta.`{loc}`" + (f" ZORDER BY (`{KEY_BUCKET}`)" if has else "")
+            m = self._with_retry(tdef, "optimize", lambda: self.spark.sql(sql).collect()[0]["metrics"])
+            return {"files_added": int(m["numFilesAdded"]), "files_removed": int(m["numFilesRemoved"])}
+        from deltalake import DeltaTable
+
+        def run():
+            dt = DeltaTable(self.path(tdef))
+            return dt.optimize.z_order([KEY_BUCKET]) if has else dt.optimize.compact()
+        m = self._with_retry(tdef, "optimize", run)
+        return {"files_added": int(m.get("numFilesAdded", 0)),
+                "files_removed": int(m.get("numFilesRemoved", 0))}
+
+    def version_timestamp(self, tdef: TableDef, version: int):
+        """Commit time of ``version`` (a UTC ``datetime``), or None when the log no longer has it."""
+        import datetime as _dt
+
+        if self.engine == "delta-spark":
+            loc = self.path(tdef).replace("`", "``")
+            rows = (self.spark.sql(f"DESCRIBE HISTORY delta.`{loc}`")
+                    .where(f"version = {int(version)}").select("timestamp").collect())
+            if not rows:
+                return None
+            ts = rows[0]["timestamp"]
+            return ts.astimezone(_dt.timezone.utc) if ts.tzinfo else ts.replace(tzinfo=_dt.timezone.utc)
+        from deltalake import DeltaTable
+
+        for h in DeltaTable(self.path(tdef)).history():
+            if h.get("version") == int(version) and h.get("timestamp") is not None:
+                return _dt.datetime.fromtimestamp(h["timestamp"] / 1000, tz=_dt.timezone.utc)
+        return None
+
+    def vacuum(self, tdef: TableDef, retention_hours: int, dry_run: bool = True) -> list[str]:
+        """Delete files no version younger than ``retention_hours`` needs (Delta ``VACUUM``).
+
+        Time travel to a version stays possible while every file its snapshot lists is kept,
+        which holds for every version committed within the retention. The caller picks the
+        retention (``finelake optimize`` derives it from the pinned versions); this method does
+        not apply Delta's 7-day safety check, so that a configured minimum below it works.
+
+        Returns:
+            The files deleted (``dry_run``: that would be deleted), as paths or URIs.
+        """
+        if not self.exists(tdef):
+            return []
+        h = max(0, int(math.ceil(retention_hours)))
+        if self.engine == "delta-spark":
+            loc = self.path(tdef).replace("`", "``")
+            key = "spark.databricks.delta.retentionDurationCheck.enabled"
+            old = self.spark.conf.get(key, "true")
+            self.spark.conf.set(key, "false")
+            try:
+                files = [r[0] for r in self.spark.sql(
+                    f"VACUUM delta.`{loc}` RETAIN {h} HOURS DRY RUN").collect()]
+                if not dry_run and files:
+                    self.spark.sql(f"VACUUM delta.`{loc}` RETAIN {h} HOURS").collect()
+            finally:
+                self.spark.conf.set(key, old)
+            return files
+        from deltalake import DeltaTable
+
+        return list(DeltaTable(self.path(tdef)).vacuum(retention_hours=h, dry_run=dry_run,
+                                                      enforce_retention_duration=False))
 
     # -- reads
     def read(self, tdef: TableDef, version: Optional[int] = None):
@@ -451,6 +831,11 @@ class Lake:
         if not self.exists(tdef):
             raise LakeError(f"table {tdef.name} does not exist at {self.path(tdef)}; "
                             f"run the stage that writes it first")
+        df = self._read_stored(tdef, version)
+        return df if KEY_BUCKET in tdef.columns else df.drop(KEY_BUCKET)
+
+    def _read_stored(self, tdef: TableDef, version: Optional[int] = None):
+        """The table as stored, ``key_bucket`` included."""
         fmt = "delta" if self.engine == "delta-spark" else DATA_SOURCE_NAME
         reader = self.spark.read.format(fmt)
         if version is not None:
@@ -470,7 +855,10 @@ class Lake:
         if self.engine == "delta-spark":
             df = self.read(tdef, version)
             return (df.select(*columns) if columns else df).toArrow()
-        return DeltaTable(self.path(tdef), version=version).to_pyarrow_table(columns=columns)
+        t = DeltaTable(self.path(tdef), version=version).to_pyarrow_table(columns=columns)
+        if KEY_BUCKET in t.column_names and KEY_BUCKET not in tdef.columns and not columns:
+            t = t.drop_columns([KEY_BUCKET])
+        return t
 
     # -- SQL
     def register(self, tdef: TableDef) -> str:

@@ -157,7 +157,8 @@ def commit_in_chunks(ctx: StageContext, stage: str, tdef: TableDef, pending, key
     own Delta commit, so a killed job loses at most one chunk of work.
 
     A chunk is the set of rows whose ``xxhash64(key) % n_chunks`` equals its number, with
-    ``n_chunks = ceil(n_scope / chunk_size)`` taken from the rows *in scope* (e.g. every document
+    ``n_chunks = ceil(n_scope / chunk_size)`` rounded by :func:`finelake.lake.chunk_count` (so a
+    chunk's merge reads only its key buckets), taken from the rows *in scope* (e.g. every document
     of the run), not from the pending ones. Each commit is atomic, so a chunk is either wholly
     committed or wholly pending: a resumed run rebuilds every unfinished chunk with exactly the
     rows it had, in the same partitions (hash of ``key``) and order (``key``, ``order``). That
@@ -183,7 +184,9 @@ def commit_in_chunks(ctx: StageContext, stage: str, tdef: TableDef, pending, key
 
     if n_scope <= 0:
         return 0
-    n_chunks = max(1, -(-n_scope // max(1, chunk_size)))
+    from finelake.lake import chunk_count
+
+    n_chunks = chunk_count(n_scope, chunk_size)  # aligned with key buckets: merges prune
     par = plan.tasks if plan is not None else ctx.spark.sparkContext.defaultParallelism
     bucketed = pending.withColumn("_chunk", F.abs(F.xxhash64(key)) % F.lit(n_chunks))
     sizes = {r["_chunk"]: r["count"] for r in bucketed.groupBy("_chunk").count().collect()}
