@@ -223,6 +223,33 @@ def tables(ctx):
 
 
 @cli.command()
+@click.option("--table", "tables_", multiple=True, metavar="NAME",
+              help="Only this table (repeatable; default: every table of the lake).")
+@click.option("--dry-run", is_flag=True, help="Change nothing; list the files VACUUM would delete.")
+@click.option("--no-vacuum", is_flag=True, help="Compact only.")
+@click.option("--no-compact", is_flag=True, help="VACUUM only.")
+@_common
+def optimize(ctx, tables_, dry_run, no_vacuum, no_compact):
+    """Table maintenance: OPTIMIZE (compaction by key bucket) and VACUUM keeping pinned versions.
+
+    VACUUM keeps every file the oldest Delta version pinned by a training run (MLflow) or by
+    maintenance.pinned_versions needs, and at least maintenance.min_retention_hours of history.
+    """
+    from finelake.maintenance import optimize_lake
+    from finelake.tables import ALL_TABLES
+
+    unknown = [t for t in tables_ if t not in ALL_TABLES]
+    if unknown:
+        raise FinelakeError(f"unknown table(s) {unknown}; known: {sorted(ALL_TABLES)}")
+    for r in optimize_lake(ctx.cfg, ctx.lake, list(tables_) or None, dry_run=dry_run,
+                           vacuum=not no_vacuum, compact=not no_compact):
+        click.echo(r.summary(dry_run))
+        if dry_run:
+            for f in r.vacuumed:
+                click.echo(f"  {f}")
+
+
+@cli.command()
 @click.option("--table", default=None, help="Training table: pairs, documents, continuations, or any with a text column (default: train.table).")
 @click.option("--version", "version", type=int, default=None, help="Delta version of the table (default: latest; recorded).")
 @click.option("--method", type=click.Choice(["lora", "full", "scratch"]), default=None, help="LoRA, full fine-tuning, or pre-training from scratch (default: train.method).")

@@ -345,6 +345,24 @@ class CompareConfig(_Strict):
     include_base: bool = Field(True, description="Also evaluate the untrained base model.")
 
 
+class MaintenanceConfig(_Strict):
+    """``finelake optimize`` and Delta commits: VACUUM retention, pins, conflict retries."""
+
+    min_retention_hours: float = Field(168.0, ge=0, description="VACUUM never keeps less history "
+                                       "than this (168 h = 7 days, Delta's default); pinned "
+                                       "versions can only make it longer.")
+    pinned_versions: dict[str, list[int]] = Field(default_factory=dict, description="Table -> Delta "
+                                                  "versions to keep readable besides those training "
+                                                  "runs recorded in MLflow.")
+    mlflow_pins: bool = Field(True, description="Read the versions training runs pinned from MLflow "
+                              "(tags finelake.table_path / finelake.table_version).")
+    commit_attempts: int = Field(8, ge=1, description="Tries of a merge whose Delta commit conflicts "
+                                 "with another writer's before it fails (rerunning is safe).")
+    commit_backoff_s: float = Field(0.5, gt=0, description="First wait between tries, seconds; "
+                                    "doubles each try, with full jitter.")
+    commit_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between tries, seconds.")
+
+
 class FinelakeConfig(_Strict):
     profile: str = "local"
     lake: str = Field("./lake", description="Root folder (or URI) of the lake; tables live at <lake>/<name>.")
@@ -365,6 +383,7 @@ class FinelakeConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
     load_test: bool = Field(False, description="True only in profiles for plumbing benchmarks and "
                             "fault tests (conf/load-test.yaml): allows the synthetic 'load' model "
                             "backends, whose outputs must never be trained on.")

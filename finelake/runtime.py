@@ -100,5 +100,8 @@ class StageContext:
             from finelake.spark import delta_engine
 
             self._lake = Lake(self.cfg.lake, self.spark, engine=delta_engine(self.cfg, self.spark),
-                              database=self.cfg.catalog.database, catalog=self.cfg.catalog.catalog)
+                              database=self.cfg.catalog.database, catalog=self.cfg.catalog.catalog,
+                              commit_attempts=self.cfg.maintenance.commit_attempts,
+                              commit_backoff_s=self.cfg.maintenance.commit_backoff_s,
+                              commit_backoff_max_s=self.cfg.maintenance.commit_backoff_max_s)
         return self._lake
