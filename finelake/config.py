@@ -114,16 +114,35 @@ class IndexConfig(_Strict):
                                 "(s3://, dbfs:/, abfss://, file://); default <lake>/_index.")
     exact_below: int = Field(200000, ge=1, description="Flat inner-product index below this many "
                              "templates, IVF above.")
+    compress_above: Optional[int] = Field(
+        1000000, ge=1, description="At or above this many templates the IVF index is compressed "
+        "(index.compression); null: never. Memory per executor is in the index's meta.json.")
+    compression: Literal["sq8", "pq", "opq"] = Field(
+        "sq8", description="sq8: IVF + 8-bit scalar quantizer (d bytes per vector, scores within "
+        "~1e-3); pq: IVF-PQ (pq_m bytes per vector, approximate scores); opq: OPQ rotation + IVF-PQ.")
+    pq_m: int = Field(64, ge=1, description="PQ sub-quantizers = bytes per vector (must divide d).")
     nlist: int = Field(1024, ge=1)
     nprobe: int = Field(32, ge=1)
+    train_size: int = Field(131072, ge=1, description="Vectors the IVF kinds are trained on (a "
+                            "sample chosen by id hash); the rest are added in batches.")
+    add_batch: int = Field(65536, ge=1, description="Vectors read and added per batch on the driver.")
     recall_k: int = Field(10, ge=1)
+    recall_documents: int = Field(200, ge=0, description="Documents sampled (first by id) and "
+                                  "embedded like match (K+1 pooled vectors) to measure the recall at "
+                                  "the threshold; 0: a sample of the indexed vectors instead.")
 
 
 class MatchConfig(_Strict):
     chunks: int = Field(5, ge=0, description="K Gaussian-pooled chunk embeddings (Appendix B).")
     sigma: float = Field(0.05, gt=0)
     alpha: float = Field(1.0, ge=0, le=1)
-    top_k: int = Field(20, ge=1, description="FAISS neighbours per document embedding.")
+    top_k: int = Field(20, ge=1, description="FAISS neighbours per document embedding for "
+                       "'finelake calibrate' (match itself range-searches at the threshold).")
+    max_candidates: Optional[int] = Field(
+        2000, ge=1, description="Most candidate templates kept per document (the best); documents "
+        "cut are counted in the stage summary. null: no cap.")
+    search_batch: int = Field(256, ge=1, description="Documents per FAISS call (all their K+1 "
+                              "vectors in one range search).")
     templates_per_doc: int = Field(6, ge=1)
     thresholds: dict[str, float] = Field(
         default_factory=lambda: {"BAAI/bge-m3": 0.865,

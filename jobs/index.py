@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
-import numpy as np
-
 from finelake import storage
-from finelake.jobs.common import job_main, require, spread
+from finelake.jobs.common import job_main, limit_ordered, require, spread
 from finelake.resources import MODEL_STAGE, model_worker_pool, plan_stage
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import TEMPLATES
@@ -106,9 +105,73 @@ def index_weights(ctx: StageContext, idx: dict) -> dict[int, float]:
     return weights
 
 
+STAGING = "_staging"
+
+
+def _staging_files(spark, staging: str, tmp: str) -> list[str]:
+    """Local paths of the Parquet part files Spark wrote under ``staging``, sorted by name (the
+    order of Spark's partitions). A URI is copied into ``tmp`` first (Hadoop FileSystem, one file
+    at a time: disk = the staged vectors, n x d x 4 bytes)."""
+    if not storage.is_uri(staging):
+        return [os.path.join(staging, f) for f in sorted(os.listdir(staging))
+                if f.endswith(".parquet") and not f.startswith((".", "_"))]
+    jvm, fs, _ = storage.hadoop_fs(spark, staging)
+    out = []
+    for name in storage.listdir(spark, staging):
+        if name.endswith(".parquet") and not name.startswith((".", "_")):
+            local = os.path.join(tmp, name)
+            fs.copyToLocalFile(False, jvm.org.apache.hadoop.fs.Path(storage.join(staging, name)),
+                               jvm.org.apache.hadoop.fs.Path(local), True)
+            out.append(local)
+    return out
+
+
+def _remove(spark, path: str) -> None:
+    if not storage.is_uri(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    _, fs, p = storage.hadoop_fs(spark, path)
+    fs.delete(p, True)
+
+
+def recall_queries(ctx: StageContext, n: int):
+    """float32 ``[m, d]``: the K+1 Gaussian-pooled embeddings (match's chunks, sigma, alpha) of the
+    first ``n`` documents by id, embedded with the configured embedder: the queries the recall at
+    the threshold is measured on (real document embeddings, as match issues them). None when
+    ``n`` is 0 or there are no documents."""
+    from finelake.models.index import arrow_list_to_numpy
+    from finelake.tables import DOCUMENTS
+    from finelake.udfs.embedding import map_embeddings
+
+    if not n or not ctx.lake.exists(DOCUMENTS):
+        return None
+    mc = ctx.cfg.match
+    docs = limit_ordered(ctx.lake.read(DOCUMENTS).select("doc_id", "text"), "doc_id", n)
+    with model_worker_pool(ctx.spark):
+        emb = map_embeddings(docs, ctx.cfg.models.embedder, "text", pooled=True, chunks=mc.chunks,
+                             sigma=mc.sigma, alpha=mc.alpha)
+    col = emb.select("embedding").toArrow().column("embedding")
+    if len(col) == 0:
+        return None
+    import pyarrow.compute as pc
+
+    return arrow_list_to_numpy(pc.list_flatten(col.combine_chunks().drop_null()))
+
+
 def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
-    """Build (or confirm) the template index for the current ``templates`` table."""
-    from finelake.models.index import build_index
+    """Build (or confirm) the template index for the current ``templates`` table.
+
+    Executors embed the templates and write ``(template_id, embedding)`` as Parquet under
+    ``<index root>/_staging/<run id>``; the driver reads those files a record batch at a time
+    (:class:`finelake.models.index.ParquetVectors`: Arrow buffers viewed as float32 ``[b, d]``, no
+    Python lists), trains on a sample and adds in batches (:func:`build_index_from`), so its
+    memory is bounded by ``index.train_size`` and ``index.add_batch`` vectors plus the index
+    (``memory_bytes`` in the summary and meta.json: what each executor holds). The recall at the
+    match threshold is measured on ``index.recall_documents`` real documents embedded as match
+    embeds them, and recorded in meta.json and ``LATEST``. The staging folder is removed after.
+    """
+    from finelake.jobs.match import threshold_for
+    from finelake.models.index import ParquetVectors, build_index_from
     from finelake.udfs.embedding import map_embeddings
 
     cfg = ctx.cfg
@@ -121,30 +184,55 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     with model_worker_pool(ctx.spark):
         emb = map_embeddings(tpl, cfg.models.embedder, "compatible_document_description",
                              pooled=False, profile=plan.profile)
-    rows = emb.select("template_id", "embedding").orderBy("template_id").toArrow()
-    stats.rows_in = rows.num_rows
-    if rows.num_rows == 0:
-        raise FinelakeError("templates is empty: genericize produced no valid template")
-    ids = rows.column("template_id").to_pylist()
-    vecs = np.asarray(rows.column("embedding").to_pylist(), dtype=np.float32)
-    ic = cfg.index
-    index = build_index(vecs, ids, exact_below=ic.exact_below, nlist=ic.nlist, nprobe=ic.nprobe,
-                        recall_k=ic.recall_k, embedding_model=cfg.models.embedder.model)
     root = index_root(cfg)
+    staging = storage.join(root, STAGING, ctx.run_id)
+    # No sort: the version is an order-independent content hash and the training sample is chosen
+    # by id hash, so the row order Spark writes does not change the index's answers.
+    emb.select("template_id", "embedding").write.mode("overwrite").parquet(staging)
+    ic = cfg.index
+    threshold = threshold_for(cfg)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = _staging_files(ctx.spark, staging, tmp)
+            try:
+                source = ParquetVectors(files)
+            except ValueError:
+                raise FinelakeError("templates is empty: genericize produced no valid template") from None
+            stats.rows_in = source.n
+            queries = recall_queries(ctx, ic.recall_documents)
+            index = build_index_from(
+                source, exact_below=ic.exact_below, compress_above=ic.compress_above,
+                compression=ic.compression, nlist=ic.nlist, nprobe=ic.nprobe, pq_m=ic.pq_m,
+                train_size=ic.train_size, add_batch=ic.add_batch, recall_k=ic.recall_k,
+                embedding_model=cfg.models.embedder.model, threshold=threshold,
+                recall_queries=queries)
+            del source
+    finally:
+        _remove(ctx.spark, staging)
     path = storage.join(root, index.version)
     if not storage.exists(ctx.spark, storage.join(path, "meta.json")):
         with tempfile.TemporaryDirectory() as tmp:
             index.save(tmp)
             storage.put_dir(ctx.spark, tmp, path, last="meta.json")  # meta.json = complete
     else:
-        stats.skipped = rows.num_rows  # same content: the saved index is reused
+        stats.skipped = len(index)  # same content: the saved index is reused
+    m = index.meta
     latest = {"version": index.version, "path": path, "embedding_model": cfg.models.embedder.model,
               "kind": index.kind, "size": len(index), "recall_at_k": index.recall_at_k,
-              "recall_k": ic.recall_k, "run_id": ctx.run_id}
+              "recall_k": m["recall_k"], "threshold": m["threshold"],
+              "recall_at_threshold": m["recall_at_threshold"],
+              "precision_at_threshold": m["precision_at_threshold"],
+              "pairs_at_threshold": m["pairs_at_threshold"],
+              "recall_queries": m["recall_queries"], "recall_queries_source": m["recall_queries_source"],
+              "bytes_per_vector": m["bytes_per_vector"], "memory_bytes": m["memory_bytes"],
+              "run_id": ctx.run_id}
     index_weights(ctx, latest)  # before LATEST names the version: match finds them stored
     storage.write_text(ctx.spark, storage.join(root, "LATEST"), json.dumps(latest, indent=1))
     stats.rows_out = len(index)
-    stats.extra.update(kind=index.kind, version=index.version, recall_at_k=f"{index.recall_at_k:.3f}")
+    rt = index.recall_at_threshold
+    stats.extra.update(kind=index.kind, version=index.version, recall_at_k=f"{index.recall_at_k:.3f}",
+                       recall_at_threshold="n/a" if rt is None else f"{rt:.3f}",
+                       memory_per_executor_mb=round(m["memory_bytes"] / 2**20, 1))
     return stats.finish()
 
 

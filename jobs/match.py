@@ -22,7 +22,7 @@ the rerun, which writes only its ``match_log`` row.
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -43,27 +43,56 @@ def threshold_for(cfg) -> float:
     return float(cfg.match.thresholds.get(cfg.models.embedder.model, cfg.match.default_threshold))
 
 
+CANDIDATE_COLUMNS = ["doc_id", "template_id", "chunk_index", "score", "cut"]
+
+
+def candidate_schema():
+    """Spark schema of :func:`candidates_partition`'s rows."""
+    from pyspark.sql import types as T
+
+    return T.StructType([T.StructField("doc_id", T.StringType()),
+                         T.StructField("template_id", T.StringType()),
+                         T.StructField("chunk_index", T.IntegerType()),
+                         T.StructField("score", T.DoubleType()),
+                         T.StructField("cut", T.BooleanType())])
+
+
 def candidates_partition(batches: Iterator[pd.DataFrame], embedder: dict, index_path: str,
-                         chunks: int, sigma: float, alpha: float, top_k: int,
-                         threshold: float, distributed: bool = False) -> Iterator[pd.DataFrame]:
+                         chunks: int, sigma: float, alpha: float, threshold: Optional[float],
+                         top_k: Optional[int] = None, max_candidates: Optional[int] = None,
+                         search_batch: int = 1024, distributed: bool = False) -> Iterator[pd.DataFrame]:
     """Executor side: documents (doc_id, text) in, candidate rows out (doc_id, template_id,
-    chunk_index, score). A document with no candidate yields a row with null template_id.
-    ``index_path``/``distributed`` as returned by :func:`finelake.storage.distribute`."""
+    chunk_index, score, cut). A document with no candidate yields a row with null template_id.
+
+    Each Arrow batch is embedded (K+1 Gaussian-pooled vectors per document, Appendix B) and its
+    vectors searched in one FAISS call (split every ``search_batch`` documents): a range search
+    at ``threshold`` (§3.2: every template whose cosine reaches it), at most ``max_candidates``
+    templates kept per document, best first; ``cut`` is true on every row of a document whose
+    list was capped. With ``top_k`` (calibration) the k nearest templates per vector instead,
+    dropped below ``threshold`` when one is given. The index is loaded once per worker,
+    memory-mapped (:func:`finelake.udfs.index.load_index`). ``index_path``/``distributed`` as
+    returned by :func:`finelake.storage.distribute`.
+    """
     from finelake.storage import local_copy
     from finelake.udfs.embedding import embed_frame
-    from finelake.udfs.index import search_pooled
+    from finelake.udfs.index import load_index, search_documents
 
     index_path = local_copy(index_path, distributed)
+    index = load_index(index_path, embedder["model"])
     for pdf in batches:
         emb = embed_frame(embedder, pdf[["doc_id", "text"]], "text", pooled=True, chunks=chunks,
                           sigma=sigma, alpha=alpha)
+        doc_ids = emb["doc_id"].tolist()
+        pooled = emb["embedding"].tolist()
         rows = []
-        for doc_id, pooled in zip(emb["doc_id"], emb["embedding"]):
-            found = search_pooled(index_path, embedder["model"], pooled, top_k, threshold)
-            if not found:
-                rows.append({"doc_id": doc_id, "template_id": None, "chunk_index": None, "score": None})
-            rows.extend({"doc_id": doc_id, **c} for c in found)
-        yield pd.DataFrame(rows, columns=["doc_id", "template_id", "chunk_index", "score"])
+        for i in range(0, len(doc_ids), search_batch):
+            res = search_documents(index, pooled[i:i + search_batch], threshold, max_candidates, top_k)
+            for doc_id, found, cut in zip(doc_ids[i:i + search_batch], res.candidates, res.cut):
+                if not found:
+                    rows.append({"doc_id": doc_id, "template_id": None, "chunk_index": None,
+                                 "score": None, "cut": cut})
+                rows.extend({"doc_id": doc_id, **c, "cut": cut} for c in found)
+        yield pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
 
 def sample_group(pdf: pd.DataFrame, weights: dict, n: int, seed: int) -> pd.DataFrame:
@@ -142,18 +171,19 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
         index_path, distributed = distribute(ctx.spark, idx["path"])
         fn = functools.partial(candidates_partition, embedder=emb_spec, index_path=index_path,
                                distributed=distributed,
-                               chunks=mc.chunks, sigma=mc.sigma, alpha=mc.alpha, top_k=mc.top_k,
-                               threshold=threshold)
-        schema = T.StructType([T.StructField("doc_id", T.StringType()),
-                               T.StructField("template_id", T.StringType()),
-                               T.StructField("chunk_index", T.IntegerType()),
-                               T.StructField("score", T.DoubleType())])
+                               chunks=mc.chunks, sigma=mc.sigma, alpha=mc.alpha,
+                               threshold=threshold, max_candidates=mc.max_candidates,
+                               search_batch=mc.search_batch)
+        schema = candidate_schema()
         # One GPU per task on GPU clusters (the embedder), in the model workers (resources).
         plan = plan_stage(ctx.spark, MODEL_STAGE)
         with model_worker_pool(ctx.spark):
             cands = spread(pending, "doc_id", plan.tasks).mapInPandas(
                 fn, schema, **({"profile": plan.profile} if plan.profile is not None else {}))
         cands = cands.cache()
+        # Range search at the threshold; documents whose list max_candidates cut (§3.2 candidates)
+        stats.extra["docs_cut_by_cap"] = cands.where("cut").select("doc_id").distinct().count()
+        stats.extra["max_candidates"] = mc.max_candidates
         found = cands.where("template_id IS NOT NULL").join(templates, "template_id")
 
         # Complexity weights (§3.2): once per index version, whatever documents this run has.
@@ -223,13 +253,8 @@ def calibrate(ctx: StageContext, n: int = 200) -> str:
     fn = functools.partial(candidates_partition, embedder=cfg.models.embedder.model_dump(),
                            index_path=index_path, distributed=distributed,
                            chunks=cfg.match.chunks, sigma=cfg.match.sigma,
-                           alpha=cfg.match.alpha, top_k=cfg.match.top_k, threshold=-1.0)
-    from pyspark.sql import types as T
-
-    schema = T.StructType([T.StructField("doc_id", T.StringType()),
-                           T.StructField("template_id", T.StringType()),
-                           T.StructField("chunk_index", T.IntegerType()),
-                           T.StructField("score", T.DoubleType())])
+                           alpha=cfg.match.alpha, top_k=cfg.match.top_k, threshold=None)
+    schema = candidate_schema()
     par = ctx.spark.sparkContext.defaultParallelism
     pdf = spread(docs, "doc_id", par).mapInPandas(fn, schema).toPandas()
     best = pdf.groupby("doc_id")["score"].max().to_numpy()
