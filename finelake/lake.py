@@ -649,11 +649,13 @@ class Lake:
             df = df.withColumn(KEY_BUCKET, F.expr(key_bucket_sql(tdef.key[0])))
         df = df.persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            n = df.count()
+            if bucketed(tdef):  # rows and buckets in one job
+                counts = df.groupBy(KEY_BUCKET).count().collect()
+                n, buckets = sum(r["count"] for r in counts), [r[0] for r in counts]
+            else:
+                n, buckets = df.count(), []
             if n == 0:
                 return MergeResult(tdef.name, 0, 0, 0, None)
-            buckets = ([r[0] for r in df.select(KEY_BUCKET).distinct().collect()]
-                       if bucketed(tdef) else [])
             return self._with_retry(tdef, "merge", lambda: self._merge_spark_once(
                 tdef, df, n, buckets, run_id, update, update_when))
         finally:
