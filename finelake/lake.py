@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, TypeVar, Union
 
@@ -37,6 +38,10 @@ from finelake import storage
 from finelake.tables import TableDef
 
 log = logging.getLogger(__name__)
+
+# A Delta commit, checkpoint or checksum in _delta_log (or _last_checkpoint): while none exists,
+# the directory holds no table.
+_COMMIT_FILE = re.compile(r"^(\d{20}\.|_last_checkpoint$)")
 
 RUN_ID_KEY = "finelake.run_id"
 DATA_SOURCE_NAME = "finelake_delta"
@@ -414,15 +419,32 @@ class Lake:
             return tdef.schema
         return tdef.schema.append(pa.field(KEY_BUCKET, pa.int32()))
 
+    def _clear_uncommitted_log(self, tdef: TableDef) -> None:
+        """Remove a ``_delta_log`` that holds no commit: what a create killed before its first
+        commit leaves behind (the directory, perhaps a commit's temp file). Delta then takes the
+        path for a table (``isDeltaTable`` says no, but ``CREATE ... IF NOT EXISTS`` fails with
+        ``DELTA_TABLE_NOT_FOUND``), so every later run of the stage would fail. Nothing was ever
+        committed there, so nothing is lost."""
+        log_dir = storage.join(self.path(tdef), "_delta_log")
+        if not storage.exists(self.spark, log_dir):
+            return
+        if any(_COMMIT_FILE.match(n) for n in storage.listdir(self.spark, log_dir)):
+            return
+        log.warning("%s: _delta_log holds no commit (a create that was killed); removing it and "
+                    "creating the table again", self.path(tdef))
+        storage.remove_tree(self.spark, log_dir)
+
     def create(self, tdef: TableDef) -> None:
         """Create the table (empty) when it does not exist yet; a no-op otherwise. A new table
-        has ``key_bucket`` (:meth:`storage_schema`)."""
+        has ``key_bucket`` (:meth:`storage_schema`). A ``_delta_log`` left without a commit by a
+        killed create is removed first (:meth:`_clear_uncommitted_log`)."""
         if self.engine == "delta-spark":
             from delta.tables import DeltaTable as SparkDeltaTable
             from pyspark.sql.pandas.types import from_arrow_schema
 
             if SparkDeltaTable.isDeltaTable(self.spark, self.path(tdef)):
                 return
+            self._clear_uncommitted_log(tdef)
             b = SparkDeltaTable.createIfNotExists(self.spark).location(self.path(tdef))
             b = b.addColumns(from_arrow_schema(self.storage_schema(tdef))).comment(tdef.description)
             if tdef.partition_by:
@@ -432,6 +454,8 @@ class Lake:
         from deltalake import DeltaTable
 
         if not DeltaTable.is_deltatable(self.path(tdef)):
+            if not storage.is_uri(self.root):  # object stores have no directory to leave behind
+                self._clear_uncommitted_log(tdef)
             os.makedirs(self.path(tdef), exist_ok=True) if "://" not in self.root else None
             DeltaTable.create(self.path(tdef), schema=self.storage_schema(tdef), mode="ignore",
                               name=tdef.name, description=tdef.description,

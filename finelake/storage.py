@@ -18,8 +18,8 @@ import re
 import shutil
 import tempfile
 
-__all__ = ["is_uri", "join", "root", "hadoop_fs", "exists", "listdir", "read_text", "write_text", "put_dir",
-           "distribute", "local_copy", "work_dir"]
+__all__ = ["is_uri", "join", "root", "hadoop_fs", "exists", "listdir", "remove_tree", "read_text",
+           "write_text", "put_dir", "distribute", "local_copy", "work_dir"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters or more: not a Windows drive
 
@@ -75,6 +75,16 @@ def listdir(spark, path: str) -> list[str]:
     if not fs.exists(p):
         return []
     return sorted(st.getPath().getName() for st in fs.listStatus(p) if st.isFile())
+
+
+def remove_tree(spark, path: str) -> None:
+    """Delete the directory ``path`` and everything under it; nothing happens when it is missing."""
+    if not is_uri(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    _, fs, p = hadoop_fs(spark, path)
+    if fs.exists(p):
+        fs.delete(p, True)
 
 
 def read_text(spark, path: str) -> str:
