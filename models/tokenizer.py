@@ -76,9 +76,13 @@ def prefix_chars(model: str, texts: Iterable[str], max_tokens: int) -> list[int]
         raise ValueError("max_tokens must be >= 1")
     tok = load_tokenizer(model)
     texts = [t or "" for t in texts]
+    # Each distinct text is tokenized once: instantiate asks for a document's cut once per
+    # template matched to it (six per document, §3.2).
+    distinct = list(dict.fromkeys(texts))
     if hasattr(tok, "encode_batch"):  # tokenizers.Tokenizer
-        offsets = [e.offsets for e in tok.encode_batch(texts, add_special_tokens=False)]
+        offsets = [e.offsets for e in tok.encode_batch(distinct, add_special_tokens=False)]
     else:
-        offsets = tok(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return [len(t) if len(o) <= max_tokens else int(o[max_tokens - 1][1])
-            for t, o in zip(texts, offsets)]
+        offsets = tok(distinct, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    cut = {t: len(t) if len(o) <= max_tokens else int(o[max_tokens - 1][1])
+           for t, o in zip(distinct, offsets)}
+    return [cut[t] for t in texts]

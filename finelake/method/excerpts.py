@@ -39,6 +39,7 @@ non-whitespace characters only, so the glue's spacing and line breaks neither he
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -113,6 +114,12 @@ class ExpansionResult:
         return "; ".join(f"{f.reason}: {f.detail}" for f in self.failures)
 
 
+@functools.lru_cache(maxsize=16)
+def _doc_index(document: str) -> "_DocIndex":
+    """The :class:`_DocIndex` of ``document``, built once for consecutive uses of one document."""
+    return _DocIndex(document)
+
+
 def _collapse(text: str) -> str:
     return _WS_RE.sub(" ", text).strip()
 
@@ -122,7 +129,11 @@ def _non_ws_len(text: str) -> int:
 
 
 class _DocIndex:
-    """A document with whitespace runs collapsed, and the map back to original offsets."""
+    """A document with whitespace runs collapsed, and the map back to original offsets.
+
+    Read-only once built; :func:`_doc_index` keeps the last few, since a document is instantiated
+    against several templates in a row (six per document, §3.2) and the index costs O(len)
+    Python steps to build."""
 
     def __init__(self, document: str):
         self.document = document
@@ -193,7 +204,7 @@ def expand_excerpts(answer: str, document: str) -> ExpansionResult:
         another, an empty tag, START or END empty, more than one ``<...>`` in a tag, or a
         ``<...>`` outside any tag), ``not_found`` or ``ambiguous`` (rules in the module doc).
     """
-    doc = _DocIndex(document)
+    doc = _doc_index(document)
     out: list[str] = []
     out_len = 0
     excerpts: list[Excerpt] = []
@@ -380,7 +391,7 @@ def make_excerpt_pointer(span_text: str, head_words: int = 6, tail_words: int = 
             return full
         head, tail = " ".join(words[:head_words]), " ".join(words[-tail_words:])
         return f"{EXCERPT_OPEN}{head}{ELLIPSIS}{tail}{EXCERPT_CLOSE}"
-    doc = _DocIndex(document)
+    doc = _doc_index(document)
     if doc.resolve_full(span) is None:
         raise ValueError("span does not occur in the document")
     h, t = head_words, tail_words

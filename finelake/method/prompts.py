@@ -17,6 +17,7 @@ Every function here is pure: messages in, parsed records out.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -206,6 +207,20 @@ class InstantiateRequest:
     phrases: list[Span] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=16)
+def _document_lists(doc: str, max_document_chars: int,
+                    min_sentence_chars: int) -> tuple[list[Span], list[Span]]:
+    """The numbered sentences and the fill phrases of a (cut) document, decomposed mode.
+
+    Cached for the last few documents: requests come grouped by document (six templates each,
+    §3.2), and both lists cost O(len) Python steps. Callers must not mutate the lists."""
+    sents = split_sentences(doc, max_chars=max_document_chars, min_chars=min_sentence_chars) or [Span(doc, 0, len(doc))]
+    phrases = candidate_spans(doc, max_spans=MAX_FILL_PHRASES, max_words=3, scan_chars=len(doc))
+    if not phrases:
+        phrases = [Span(doc[:40], 0, min(40, len(doc)))]
+    return sents, phrases
+
+
 def instantiate_request(document: str, template: str, mode: str, max_document_chars: int,
                         max_answer_sentences: int = 4,
                         min_sentence_chars: int = 40) -> InstantiateRequest:
@@ -226,10 +241,7 @@ def instantiate_request(document: str, template: str, mode: str, max_document_ch
     if mode == "direct":
         payload = json.dumps({"instruction_template": template, "document": doc}, ensure_ascii=False)
         return InstantiateRequest([{"role": "user", "content": payload}], None, [], slots)
-    sents = split_sentences(doc, max_chars=max_document_chars, min_chars=min_sentence_chars) or [Span(doc, 0, len(doc))]
-    phrases = candidate_spans(doc, max_spans=MAX_FILL_PHRASES, max_words=3, scan_chars=len(doc))
-    if not phrases:
-        phrases = [Span(doc[:40], 0, min(40, len(doc)))]
+    sents, phrases = _document_lists(doc, max_document_chars, min_sentence_chars)
     numbered = "\n".join(f"[{i}] {s.text}" for i, s in enumerate(sents, 1))
     listing = " ".join(f"{i}. {p.text}" for i, p in enumerate(phrases, 1))
     blanks = "\n".join(f"{i}. {d}" for i, d in enumerate(slots, 1))
