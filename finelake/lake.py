@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, TypeVar, Union
 
@@ -419,17 +420,26 @@ class Lake:
             return tdef.schema
         return tdef.schema.append(pa.field(KEY_BUCKET, pa.int32()))
 
-    def _clear_uncommitted_log(self, tdef: TableDef) -> None:
+    def _clear_uncommitted_log(self, tdef: TableDef, settle_s: float = 5.0) -> None:
         """Remove a ``_delta_log`` that holds no commit: what a create killed before its first
-        commit leaves behind (the directory, perhaps a commit's temp file). Delta then takes the
+        commit leaves behind (the directory, perhaps a commit's temp file). Delta takes such a
         path for a table (``isDeltaTable`` says no, but ``CREATE ... IF NOT EXISTS`` fails with
         ``DELTA_TABLE_NOT_FOUND``), so every later run of the stage would fail. Nothing was ever
-        committed there, so nothing is lost."""
+        committed there, so nothing is lost. A log changed less than ``settle_s`` seconds ago may
+        be another writer's create in progress: it is given that long to commit first."""
         log_dir = storage.join(self.path(tdef), "_delta_log")
-        if not storage.exists(self.spark, log_dir):
+
+        def uncommitted() -> bool:
+            return (storage.exists(self.spark, log_dir) and not any(
+                _COMMIT_FILE.match(n) for n in storage.listdir(self.spark, log_dir)))
+
+        if not uncommitted():
             return
-        if any(_COMMIT_FILE.match(n) for n in storage.listdir(self.spark, log_dir)):
-            return
+        age = time.time() - storage.newest_mtime(self.spark, log_dir)
+        if age < settle_s:
+            time.sleep(settle_s - age)
+            if not uncommitted():
+                return
         log.warning("%s: _delta_log holds no commit (a create that was killed); removing it and "
                     "creating the table again", self.path(tdef))
         storage.remove_tree(self.spark, log_dir)

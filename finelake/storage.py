@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 
-__all__ = ["is_uri", "join", "root", "hadoop_fs", "exists", "listdir", "remove_tree", "read_text",
+__all__ = ["is_uri", "join", "root", "hadoop_fs", "exists", "listdir", "newest_mtime", "remove_tree", "read_text",
            "write_text", "put_dir", "distribute", "local_copy", "work_dir"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters or more: not a Windows drive
@@ -75,6 +75,23 @@ def listdir(spark, path: str) -> list[str]:
     if not fs.exists(p):
         return []
     return sorted(st.getPath().getName() for st in fs.listStatus(p) if st.isFile())
+
+
+def newest_mtime(spark, path: str) -> float:
+    """The latest modification time (seconds since the epoch) of the directory ``path`` and the
+    entries directly under it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    if not is_uri(path):
+        return max([os.stat(path).st_mtime] +
+                   [os.stat(os.path.join(path, n)).st_mtime for n in os.listdir(path)])
+    _, fs, p = hadoop_fs(spark, path)
+    if not fs.exists(p):
+        raise FileNotFoundError(path)
+    return max([fs.getFileStatus(p).getModificationTime()] +
+               [st.getModificationTime() for st in fs.listStatus(p)]) / 1000.0
 
 
 def remove_tree(spark, path: str) -> None:

@@ -76,6 +76,8 @@ def test_a_create_killed_before_its_commit_does_not_block_the_table(spark, tmp_p
     for name in left:
         with open(os.path.join(log_dir, name), "w") as f:
             f.write('{"commitInfo":')  # a commit cut short
+    for name in [*left, ""]:  # left by an earlier run, not a create in progress
+        os.utime(os.path.join(log_dir, name), (0, 1_000_000))
     assert lake.merge(DOCUMENTS, _docs(["a", "b"], ["x", "y"]), "r1").inserted == 2
     assert [r["doc_id"] for r in _rows(lake, DOCUMENTS)] == ["a", "b"]
     lake.create(DOCUMENTS)  # an existing table: nothing removed
