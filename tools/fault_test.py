@@ -206,7 +206,9 @@ def _canon(rows, drop=LINEAGE, ndigits=None):
             return tuple(v)
         return v
 
-    return sorted(tuple(sorted((k, norm(v)) for k, v in r.items() if k not in drop)) for r in rows)
+    # Sorted by repr: a column may hold None in one row and a string in another.
+    return sorted((tuple(sorted((k, norm(v)) for k, v in r.items() if k not in drop)) for r in rows),
+                  key=repr)
 
 
 def check(ref: Path, lake: Path) -> list[str]:
