@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 
 from finelake import storage
@@ -126,14 +125,6 @@ def _staging_files(spark, staging: str, tmp: str) -> list[str]:
     return out
 
 
-def _remove(spark, path: str) -> None:
-    if not storage.is_uri(path):
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    _, fs, p = storage.hadoop_fs(spark, path)
-    fs.delete(p, True)
-
-
 def recall_queries(ctx: StageContext, n: int):
     """float32 ``[m, d]``: the K+1 Gaussian-pooled embeddings (match's chunks, sigma, alpha) of the
     first ``n`` documents by id, embedded with the configured embedder: the queries the recall at
@@ -208,7 +199,7 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
                 recall_queries=queries)
             del source
     finally:
-        _remove(ctx.spark, staging)
+        storage.remove_tree(ctx.spark, staging)
     path = storage.join(root, index.version)
     if not storage.exists(ctx.spark, storage.join(path, "meta.json")):
         with tempfile.TemporaryDirectory() as tmp:
