@@ -19,7 +19,7 @@ import copy
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -121,10 +121,14 @@ class IndexConfig(_Strict):
         "sq8", description="sq8: IVF + 8-bit scalar quantizer (d bytes per vector, scores within "
         "~1e-3); pq: IVF-PQ (pq_m bytes per vector, approximate scores); opq: OPQ rotation + IVF-PQ.")
     pq_m: int = Field(64, ge=1, description="PQ sub-quantizers = bytes per vector (must divide d).")
-    nlist: int = Field(1024, ge=1)
+    nlist: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="IVF lists; auto: 4*sqrt(n) rounded to a power of two (FAISS's "
+        "guidance of 4-16*sqrt(n): 4,096 at 1M templates, 16,384 at 18M), so a query scans about "
+        "nprobe*sqrt(n)/4 vectors. Capped at train_size // 39.")
     nprobe: int = Field(32, ge=1)
-    train_size: int = Field(131072, ge=1, description="Vectors the IVF kinds are trained on (a "
-                            "sample chosen by id hash); the rest are added in batches.")
+    train_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Vectors the IVF kinds are trained on (a sample chosen by id hash); the "
+        "rest are added in batches. auto: max(131072, 39 * nlist), FAISS's minimum per list.")
     add_batch: int = Field(65536, ge=1, description="Vectors read and added per batch on the driver.")
     recall_k: int = Field(10, ge=1)
     recall_documents: int = Field(200, ge=0, description="Documents sampled (first by id) and "

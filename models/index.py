@@ -70,6 +70,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -89,15 +90,21 @@ KIND_OPQ_IVF_PQ = "opq_ivf_pq_ip"
 COMPRESSED_KINDS = {"sq8": KIND_IVF_SQ8, "pq": KIND_IVF_PQ, "opq": KIND_OPQ_IVF_PQ}
 IVF_KINDS = (KIND_IVF, KIND_IVF_SQ8, KIND_IVF_PQ, KIND_OPQ_IVF_PQ)
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns below this many training points per list
+DEFAULT_TRAIN_SIZE = 131072  # the training sample's floor with train_size="auto" (512 MB at d=1024)
 RECALL_SAMPLE = 1000
 NORM_TOLERANCE = 1e-3
 EXACT_BATCH = 32768  # template rows per brute-force block when measuring recall
+# Rows per Parquet read. A list<float> column decodes a row group at a time with two int16 levels
+# per value besides the values, so the reader's working set is set by the writer's row group size
+# (Spark's 128 MB: ~750 MB of Arrow memory at d = 1024), not by the number of vectors; small
+# reads keep the batches themselves out of that figure.
+READ_BATCH = 8192
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TemplateIndex", "build_index", "build_index_from", "IndexFormatError", "FORMAT_VERSION",
            "KIND_FLAT", "KIND_IVF", "KIND_IVF_SQ8", "KIND_IVF_PQ", "KIND_OPQ_IVF_PQ", "VectorSource",
-           "ArrayVectors", "ParquetVectors", "threshold_search"]
+           "ArrayVectors", "ParquetVectors", "threshold_search", "auto_nlist"]
 
 
 class IndexFormatError(ValueError):
@@ -123,17 +130,19 @@ class VectorSource:
         """float32 C-contiguous ``[b, d]`` blocks of at most ``rows`` rows, in label order."""
         raise NotImplementedError
 
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        """float32 ``[len(positions), d]``: the rows at ``positions`` (sorted ascending), in that
-        order. Default: one streamed pass over :meth:`batches`."""
+    def take(self, positions: np.ndarray, dest: Optional[np.ndarray] = None) -> np.ndarray:
+        """float32 ``[len(positions), d]``: the rows at ``positions`` (sorted ascending), row
+        ``positions[i]`` going to output row ``dest[i]`` (a permutation of ``range(len(positions))``;
+        default ``i``). One streamed pass over :meth:`batches`; the output is the only copy."""
         positions = np.asarray(positions, dtype=np.int64)
+        dest = np.arange(len(positions)) if dest is None else np.asarray(dest, dtype=np.int64)
         out = np.empty((len(positions), self.d), dtype=np.float32)
         start, j = 0, 0
         for b in self.batches(65536):
             end = start + len(b)
             k = np.searchsorted(positions, end)
             if k > j:
-                out[j:k] = b[positions[j:k] - start]
+                out[dest[j:k]] = b[positions[j:k] - start]
                 j = k
             start = end
             if j == len(positions):
@@ -155,14 +164,21 @@ class ArrayVectors(VectorSource):
         for i in range(0, self.n, rows):
             yield self.x[i:i + rows]
 
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        return self.x[np.asarray(positions, dtype=np.int64)]
+    def take(self, positions: np.ndarray, dest: Optional[np.ndarray] = None) -> np.ndarray:
+        rows = self.x[np.asarray(positions, dtype=np.int64)]
+        if dest is None:
+            return rows
+        out = np.empty_like(rows)
+        out[np.asarray(dest, dtype=np.int64)] = rows
+        return out
 
 
 class ParquetVectors(VectorSource):
     """Vectors in Parquet files (``list<float>`` column, e.g. Spark's ``array<float>``), read
-    with pyarrow a record batch at a time: the list column's values buffer is viewed as float32
-    ``[b, d]`` (no Python objects; a copy only when the file stores doubles).
+    with pyarrow a record batch of at most :data:`READ_BATCH` rows at a time on the calling thread:
+    the list column's values buffer is viewed as float32 ``[b, d]`` (no Python objects; a copy only
+    when the file stores doubles), and the Arrow pool's unused memory is returned after each batch,
+    so reading holds about one decoded row group whatever the number of vectors.
 
     Args:
         files: Parquet file paths; rows are taken file by file in this order.
@@ -191,12 +207,20 @@ class ParquetVectors(VectorSource):
             break
 
     def batches(self, rows: int) -> Iterator[np.ndarray]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        pool = pa.default_memory_pool()
         for f in self.files:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=[self.vector_column]):
+            reader = pq.ParquetFile(f).iter_batches(batch_size=min(int(rows), READ_BATCH),
+                                                    columns=[self.vector_column], use_threads=False)
+            for rb in reader:
                 if rb.num_rows:
-                    yield arrow_list_to_numpy(rb.column(0), self.d or None)
+                    x = arrow_list_to_numpy(rb.column(0), self.d or None)
+                    del rb
+                    yield x
+                    del x
+                pool.release_unused()
 
 
 def arrow_list_to_numpy(col, d: Optional[int] = None) -> np.ndarray:
@@ -535,6 +559,19 @@ def memory_bytes(index: Any, kind: str) -> tuple[int, int]:
     return per, per * n + fixed
 
 
+def auto_nlist(n: int) -> int:
+    """IVF lists for n vectors: 4·√n rounded to the nearest power of two (FAISS's guidance is
+    4-16·√n; the low end keeps k-means training cheap). 1M -> 4,096, 18M -> 16,384, at least 1.
+
+    With ``nprobe`` lists probed a query scans about ``nprobe * n / nlist = nprobe·√n/4`` codes,
+    so match's cost per document grows as √n rather than n (measured on the scale benchmark's
+    vectors, one thread, nprobe 32: 1M vectors in 1,024 lists 22.7 ms per document of 6 queries,
+    in 4,096 lists 5.7 ms, recall at the threshold 0.974 and 0.975)."""
+    if n < 1:
+        return 1
+    return int(2 ** round(math.log2(4 * math.sqrt(n))))
+
+
 def build_index(vectors: np.ndarray, ids: Sequence[str], **kwargs) -> TemplateIndex:
     """:func:`build_index_from` an in-memory float32 ``[n, d]`` array and its n ids."""
     x = np.asarray(vectors, dtype=np.float32)
@@ -547,8 +584,8 @@ def build_index(vectors: np.ndarray, ids: Sequence[str], **kwargs) -> TemplateIn
 
 def build_index_from(source: VectorSource, *, exact_below: int = 200000,
                      compress_above: Optional[int] = None, compression: str = "sq8",
-                     nlist: int = 1024, nprobe: int = 32, pq_m: int = 64,
-                     train_size: int = 131072, add_batch: int = 65536, recall_k: int = 10,
+                     nlist: int | str = "auto", nprobe: int = 32, pq_m: int = 64,
+                     train_size: int | str = "auto", add_batch: int = 65536, recall_k: int = 10,
                      embedding_model: str, threshold: Optional[float] = None,
                      recall_queries: Optional[np.ndarray] = None,
                      recall_sample: int = RECALL_SAMPLE, seed: int = 0) -> TemplateIndex:
@@ -556,7 +593,10 @@ def build_index_from(source: VectorSource, *, exact_below: int = 200000,
 
     Memory on the driver: one ``add_batch`` x d float32 block, the training sample
     (``train_size`` x d x 4 bytes: 512 MB at 131072 x 1024), the index itself
-    (``meta["memory_bytes"]``), the ids, and 16 bytes per row for the content hash. Passes over
+    (``meta["memory_bytes"]``), the ids, 16 bytes per row for the content hash, the source's read
+    buffers (:class:`ParquetVectors`: about one decoded row group) and the recall's exact scan
+    (queries x ``EXACT_BATCH`` x 12 bytes). Measured at 1M x 1024 (IVF-SQ8, 1 GB): see the
+    README's scale benchmark. Passes over
     the source: one to validate, hash and add, one to take the training sample (IVF kinds), one
     for the exact search of the recall measurement (IVF kinds).
 
@@ -566,12 +606,14 @@ def build_index_from(source: VectorSource, *, exact_below: int = 200000,
         compress_above: n at or above this → the ``compression`` kind; None: never.
         compression: ``"sq8"`` (IVF + 8-bit scalar quantizer, d bytes per vector), ``"pq"``
             (IVF-PQ, ``pq_m`` bytes per vector) or ``"opq"`` (OPQ rotation + IVF-PQ).
-        nlist: IVF lists. Capped at ``min(n, train_size) // 39`` (FAISS's minimum of 39 training
-            points per list); the value used is recorded as ``meta["nlist"]``.
+        nlist: IVF lists, or ``"auto"``: :func:`auto_nlist` (4·√n as a power of two, so a query
+            scans about ``nprobe·√n/4`` vectors: the search cost per query grows as √n, not n).
+            Capped at ``min(n, train_size) // 39`` (FAISS's minimum of 39 training points per
+            list); the value used is recorded as ``meta["nlist"]``.
         nprobe: lists visited per query (capped at nlist).
         pq_m: PQ sub-quantizers (bytes per code); must divide d.
         train_size: vectors the IVF kinds are trained on (the rows with the smallest id hashes,
-            sorted by id), all when n is smaller.
+            sorted by id), all when n is smaller; ``"auto"``: ``max(131072, 39 * nlist)``.
         add_batch: rows per ``index.add`` call (and per validation/hash block).
         recall_k: k of the recall@k (recorded for every kind; 1.0 for the exact index).
         embedding_model: id of the model that produced the vectors (checked by ``load``).
@@ -599,6 +641,12 @@ def build_index_from(source: VectorSource, *, exact_below: int = 200000,
         raise ValueError(f"{len(ids)} ids for {n} vectors")
     if len(set(ids)) != n:
         raise ValueError("template ids must be unique")
+    if not all(v == "auto" or isinstance(v, (int, np.integer)) for v in (nlist, train_size)):
+        raise ValueError(f"nlist and train_size must be integers or 'auto', got {nlist!r}, {train_size!r}")
+    if nlist == "auto":
+        nlist = auto_nlist(n)
+    if train_size == "auto":
+        train_size = max(DEFAULT_TRAIN_SIZE, MIN_POINTS_PER_CENTROID * int(nlist))
     if min(exact_below, nlist, nprobe, recall_k, train_size, add_batch) < 1:
         raise ValueError("exact_below, nlist, nprobe, recall_k, train_size and add_batch must be >= 1")
     if compression not in COMPRESSED_KINDS:
@@ -630,10 +678,12 @@ def build_index_from(source: VectorSource, *, exact_below: int = 200000,
     if kind != KIND_FLAT:  # train on a sample chosen and ordered by the ids, not the row order
         key = _id_order_key(ids)
         pick = np.sort(np.argsort(key, kind="stable")[:n_train]) if n_train < n else np.arange(n)
-        sample = source.take(pick)
+        by_id = np.argsort(np.asarray([ids[i] for i in pick], dtype=object), kind="stable")
+        dest = np.empty(len(pick), dtype=np.int64)
+        dest[by_id] = np.arange(len(pick))  # row pick[i] goes to its rank by id
+        sample = source.take(pick, dest)
         _check_batch(sample, 0)
-        sample = sample[np.argsort(np.asarray([ids[i] for i in pick], dtype=object), kind="stable")]
-        index.train(np.ascontiguousarray(sample))
+        index.train(sample)
         del sample
     hasher = _RowHasher()
     start = 0
@@ -702,7 +752,8 @@ def build_index_from(source: VectorSource, *, exact_below: int = 200000,
 def exact_scan(source: VectorSource, queries: np.ndarray, k: int, threshold: Optional[float],
                block: int = EXACT_BATCH) -> tuple[np.ndarray, Optional[tuple[np.ndarray, np.ndarray]]]:
     """Brute-force inner products of ``queries`` with every vector of ``source``, streamed
-    ``block`` rows at a time (memory: q x block x 4 bytes, plus 12 bytes per pair kept).
+    ``block`` rows at a time (memory: q x block x 12 bytes: the scores and their partition,
+    plus 12 bytes per pair kept; linear in n: a partition per block, not a sort).
 
     Returns:
         ``(top_labels, pairs)``: int64 ``[q, k]`` exact top-k labels, and when ``threshold`` is
@@ -721,10 +772,14 @@ def exact_scan(source: VectorSource, queries: np.ndarray, k: int, threshold: Opt
             qi, li = np.nonzero(s >= np.float32(threshold))
             keys.append(qi.astype(np.int64) * n + li + start)
             vals.append(s[qi, li])
-        labels = np.arange(start, start + len(b), dtype=np.int64)
-        cs = np.concatenate([best_s, s], axis=1)
-        cl = np.concatenate([best_l, np.broadcast_to(labels, s.shape)], axis=1)
-        order = np.argsort(-cs, axis=1, kind="stable")[:, :min(k, cs.shape[1])]
+        # this block's top k by partition (linear), then merged with the running top k
+        kb = min(k, s.shape[1])
+        part = np.argpartition(s, s.shape[1] - kb, axis=1)[:, s.shape[1] - kb:] if kb < s.shape[1] \
+            else np.broadcast_to(np.arange(s.shape[1]), s.shape)
+        cs = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
+        cl = np.concatenate([best_l, part + start], axis=1)
+        del s, part
+        order = np.lexsort((cl, -cs), axis=1)[:, :min(k, cs.shape[1])]  # score desc, label asc
         best_s = np.take_along_axis(cs, order, axis=1)
         best_l = np.take_along_axis(cl, order, axis=1)
         start += len(b)

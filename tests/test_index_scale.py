@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from finelake.models.index import (KIND_FLAT, KIND_IVF, KIND_IVF_PQ, KIND_IVF_SQ8, KIND_OPQ_IVF_PQ,
-                                   IndexFormatError, ParquetVectors, TemplateIndex, build_index,
-                                   build_index_from)
+                                   READ_BATCH, ArrayVectors, IndexFormatError, ParquetVectors,
+                                   TemplateIndex, auto_nlist, build_index, build_index_from,
+                                   exact_scan)
 from finelake.udfs.index import search_documents
 
 
@@ -221,3 +222,48 @@ def test_threshold_is_inclusive_and_pq_width_checked():
     with pytest.raises(ValueError, match="divide"):
         build_index(_clustered(200, 30), [str(i) for i in range(200)], exact_below=1,
                     compress_above=1, compression="pq", pq_m=8, embedding_model="m")
+
+
+def test_auto_nlist_grows_as_the_square_root_and_train_size_keeps_39_points_per_list():
+    # Documented values (4*sqrt(n) to the nearest power of two): 50k -> 1,024, 1M -> 4,096,
+    # 18M (the paper's templates) -> 16,384.
+    assert [auto_nlist(n) for n in (50_000, 1_000_000, 18_000_000)] == [1024, 4096, 16384]
+    x = _clustered(3000, 16, seed=11)
+    idx = build_index(x, [f"t{i}" for i in range(3000)], exact_below=10, nlist="auto", nprobe=4,
+                      train_size="auto", embedding_model="m")
+    # auto: 4*sqrt(3000) = 219 -> 256 lists; the sample is all 3000 rows (floor 131072), which
+    # caps the lists at 3000 // 39 = 76.
+    assert idx.meta["nlist"] == 76 and idx.meta["train_size"] == 3000
+    with pytest.raises(ValueError, match="nlist and train_size"):
+        build_index(x, [f"t{i}" for i in range(3000)], exact_below=10, nlist="many",
+                    embedding_model="m")
+
+
+def test_parquet_reads_are_small_batches_and_take_places_rows_by_dest(tmp_path):
+    x = _clustered(READ_BATCH + 500, 8, seed=12)
+    ids = [f"r{i}" for i in range(len(x))]
+    src = ParquetVectors(_write_parquet(tmp_path, x, ids))
+    sizes = [len(b) for b in src.batches(10 ** 6)]
+    assert max(sizes) <= READ_BATCH and sum(sizes) == len(x)
+    pos = np.array([3, 17, READ_BATCH + 1, READ_BATCH + 499])
+    dest = np.array([2, 0, 3, 1])
+    want = np.empty((4, 8), np.float32)
+    for p, d in zip(pos, dest):
+        want[d] = x[p]
+    np.testing.assert_array_equal(src.take(pos, dest), want)
+    np.testing.assert_array_equal(ArrayVectors(x, ids).take(pos, dest), want)
+    np.testing.assert_array_equal(src.take(pos), x[pos])
+
+
+def test_exact_scan_top_k_breaks_ties_by_label_across_blocks():
+    # Rows 0, 5, 9 and 14 are the same vector; blocks of 4 rows put them in different blocks.
+    x = _clustered(16, 8, seed=13)
+    x[[5, 9, 14]] = x[0]
+    q = x[:1].copy()
+    s = (q.astype(np.float64) @ x.astype(np.float64).T)[0]
+    top, pairs = exact_scan(ArrayVectors(x, [str(i) for i in range(16)]), q, 6, 0.0, block=4)
+    assert top[0][:4].tolist() == [0, 5, 9, 14]
+    rest = sorted((i for i in range(16) if i not in (0, 5, 9, 14)), key=lambda i: (-s[i], i))[:2]
+    assert top[0][4:].tolist() == rest
+    keys, _ = pairs
+    assert keys.tolist() == [i for i in range(16) if s[i] >= 0.0]
