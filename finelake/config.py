@@ -24,9 +24,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
-class ConfigError(ValueError):
-    """A profile or override is missing, malformed, or fails validation."""
+from finelake.errors import ConfigError  # noqa: F401 - re-exported: finelake.config.ConfigError
 
 
 class _Strict(BaseModel):

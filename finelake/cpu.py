@@ -18,6 +18,8 @@ import functools
 import platform
 import re
 
+from finelake.errors import FinelakeError
+
 # ggml's name in llama_print_system_info -> the Linux /proc/cpuinfo flag(s) (archspec's names).
 GGML_TO_CPU_FLAGS: dict[str, tuple[str, ...]] = {
     "SSE3": ("sse3",),  # /proc/cpuinfo says "pni"; host_features adds "sse3"
@@ -41,7 +43,7 @@ NATIVE_ONLY = ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI"
 was compiled for some machine's own CPU (``GGML_NATIVE``), not for the baseline."""
 
 
-class UnsupportedCPU(RuntimeError):
+class UnsupportedCPU(FinelakeError):
     """This CPU lacks instruction sets the installed llama.cpp library was compiled with."""
 
 

@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from finelake.errors import FinelakeError
+
 DELTA_VERSION = "4.4.0"
 """The delta-spark release built against Spark 4.2 (``pyspark==4.2.0``). The Python package
 ``delta-spark`` is pinned to the same version in ``setup.py`` (4.4.1 exists on PyPI only)."""
@@ -39,7 +41,7 @@ _VERSIONED_JAR = re.compile(r"^(?P<artifact>.+?)-(?P<version>\d[^/]*)\.jar$")
 __all__ = ["DELTA_VERSION", "COORDINATES", "jars_dir", "installed_jars", "fetch", "DeltaJarsError"]
 
 
-class DeltaJarsError(RuntimeError):
+class DeltaJarsError(FinelakeError):
     """The Delta jars could not be resolved or copied (no route to Maven Central, bad folder)."""
 
 

@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Optional, TypeVar, Union
 import pyarrow as pa
 
 from finelake import storage
+from finelake.errors import FinelakeError
 from finelake.tables import TableDef
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ _REV = [int(f"{i:0{KEY_BUCKET_BITS}b}"[::-1], 2) for i in range(KEY_BUCKETS)]
 T = TypeVar("T")
 
 
-class LakeError(RuntimeError):
+class LakeError(FinelakeError):
     """A table cannot be read or written (missing, unreadable, wrong schema), or a commit kept
     conflicting with another writer."""
 

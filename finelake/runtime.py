@@ -15,12 +15,9 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from finelake.config import FinelakeConfig
+from finelake.errors import FinelakeError  # noqa: F401 - re-exported: finelake.runtime.FinelakeError
 
 log = logging.getLogger(__name__)
-
-
-class FinelakeError(RuntimeError):
-    """An error a user can cause and fix (bad input path, missing upstream table, ...)."""
 
 
 def new_run_id() -> str:

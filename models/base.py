@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
+from finelake.errors import FinelakeError
+
 
 @dataclass
 class GenerationRequest:
@@ -63,7 +65,7 @@ class GenerationResult:
     request_id: Optional[str] = None
 
 
-class OptionError(ValueError):
+class OptionError(FinelakeError, ValueError):
     """A backend option is unknown or has the wrong type.
 
     Attributes:

@@ -80,6 +80,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from finelake.errors import FinelakeError
+
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 KIND_FLAT = "flat_ip"
@@ -113,7 +115,7 @@ __all__ = ["TemplateIndex", "build_index", "build_index_from", "IndexFormatError
            "ArrayVectors", "ParquetVectors", "threshold_search", "auto_nlist"]
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(FinelakeError, ValueError):
     """A saved index is missing a file, has another format version, or its parts disagree."""
 
 

@@ -21,6 +21,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from finelake.errors import FinelakeError
+
 EMBEDDED_PREFIX = "embedded:"
 
 _EMBEDDED = {
@@ -29,7 +31,7 @@ _EMBEDDED = {
 }
 
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(FinelakeError, FileNotFoundError):
     """An embedded model's package is not installed, or a local path does not exist."""
 
 
