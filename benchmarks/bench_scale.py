@@ -257,6 +257,63 @@ def run(args) -> dict:
     return out
 
 
+def chunk_overhead(args) -> dict:
+    """The chunk loop's per-chunk overhead with 1x and 10x as many pending rows (issue 23).
+
+    One lake with ``10 * --documents`` documents and ``--templates`` templates is ingested,
+    indexed and matched, then copied twice; instantiate runs on the first copy with
+    ``--max-documents N`` and on the second with ``10 N``: the same chunk size
+    (``instantiate.chunk_documents``), the same tables, 1x and 10x as many pending pairs. Per
+    chunk, the overhead is its wall time less the seconds its tasks spent in the row function
+    (:class:`finelake.jobs.chunks.ChunkRun`): reading its keys and inputs by key, the shuffle, the
+    plan, waiting for the previous commit. The ratio of the medians must stay at most 1.5.
+    """
+    import shutil
+    import statistics
+
+    from finelake.config import load_config
+    from finelake.jobs.instantiate import run_instantiate
+    from finelake.runtime import StageContext
+
+    n = args.documents
+    base = argparse.Namespace(**{**vars(args), "documents": 10 * n,
+                                 "stages": ["ingest", "index", "match"]})
+    prep = run(base)
+    work = Path(prep["workdir"])
+    out = {"documents": 10 * n, "templates": args.templates, "pending_1x_documents": n,
+           "chunk_documents": args.chunk_documents, "prepare": prep["stages"]}
+    for label, limit in (("1x", n), ("10x", 10 * n)):
+        lake = work / f"lake_{label}"
+        shutil.rmtree(lake, ignore_errors=True)
+        shutil.copytree(work / "lake", lake)
+        topics = max(1, args.templates // args.templates_per_topic)
+        cfg = load_config(args.conf, [f"lake={lake}", "run.max_documents=null",
+                                      f"models.embedder.options.topics={topics}",
+                                      f"instantiate.chunk_documents={args.chunk_documents}",
+                                      *args.set])
+        ctx = StageContext(cfg)
+        t0 = time.perf_counter()
+        st = run_instantiate(ctx, max_documents=limit)
+        secs = time.perf_counter() - t0
+        cr = st.chunk_run
+        ctx.spark.stop()
+        out[label] = {"pending_pairs": st.rows_in - st.skipped, "chunks": cr.chunks,
+                      "seconds": round(secs, 1),
+                      "overhead_s_median": round(statistics.median(cr.overhead_s), 3),
+                      "overhead_s_mean": round(statistics.fmean(cr.overhead_s), 3),
+                      "busy_s_median": round(statistics.median(cr.busy_s), 3),
+                      "commit_s_median": round(statistics.median(cr.commit_s), 3),
+                      "longest_commit_wait_s": round(cr.idle_s, 3),
+                      "overhead_s": [round(x, 3) for x in cr.overhead_s]}
+        print(f"[bench_scale] chunk overhead {label}: {cr.chunks} chunks, median "
+              f"{out[label]['overhead_s_median']} s outside the row function, "
+              f"{out[label]['busy_s_median']} s in it", flush=True)
+    out["chunk_overhead_s"] = {k: out[k]["overhead_s_median"] for k in ("1x", "10x")}
+    out["ratio"] = round(out["10x"]["overhead_s_median"] / out["1x"]["overhead_s_median"], 3)
+    out["machine"] = prep["machine"]
+    return out
+
+
 # ----------------------------------------------------------------------------- plot
 
 
@@ -312,6 +369,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true", help="finelake's INFO log (step times)")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="plot these results instead of running")
+    p.add_argument("--chunk-overhead", action="store_true",
+                   help="measure the chunk loop's per-chunk overhead with 1x and 10x pending rows "
+                        "(10 x --documents ingested; instantiate on N and 10 N documents)")
     p.add_argument("--out", default="docs/bench_scale.png", help="with --plot: the PNG to write")
     args = p.parse_args(argv)
     if args.plot:
@@ -322,7 +382,7 @@ def main(argv=None) -> None:
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
         logging.getLogger("finelake").setLevel(logging.INFO)
-    res = run(args)
+    res = chunk_overhead(args) if args.chunk_overhead else run(args)
     text = json.dumps(res, indent=1)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

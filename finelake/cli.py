@@ -18,13 +18,11 @@ from typing import Callable, Optional
 
 import click
 
-from finelake.config import ConfigError, hub_model_ids, load_config
-from finelake.runtime import FinelakeError, StageContext
+from finelake.config import hub_model_ids, load_config
+from finelake.errors import ConfigError, FinelakeError
+from finelake.runtime import StageContext
 
 log = logging.getLogger("finelake")
-
-STAGES = ("ingest", "genericize", "index", "match", "instantiate", "judge", "budget")
-
 
 def _common(f: Callable) -> Callable:
     """Options every subcommand shares."""
@@ -32,7 +30,7 @@ def _common(f: Callable) -> Callable:
     @click.option("--conf", "profile", default=lambda: os.environ.get("FINELAKE_PROFILE", "local"),
                   show_default="local", help="Profile: a YAML file or a packaged name (local, databricks, emr).")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override a config value, e.g. --set match.threshold=0.5 (repeatable).")
+                  help="Override a config value, e.g. --set judge.min_score=3 (repeatable).")
     @click.option("--lake", default=None, help="Lake root folder/URI (overrides the profile's lake).")
     @click.option("--run-id", default=None, help="Run id recorded on rows and commits (default: new).")
     @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
@@ -55,17 +53,31 @@ def _common(f: Callable) -> Callable:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
             ctx = StageContext(cfg, run_id=run_id)
             return f(ctx, **kwargs)
-        except (ConfigError, FinelakeError, FileNotFoundError, KeyError, ValueError) as exc:
+        except FinelakeError as exc:  # what a user can fix: one line, no traceback
             if verbose:
                 raise
-            raise click.ClickException(_one_line(exc)) from None
-        except Exception as exc:  # Spark's AnalysisException and friends
-            name = type(exc).__name__
-            if verbose or not (name.endswith("Exception") or "Lake" in name):
-                raise
-            raise click.ClickException(f"{name}: {_one_line(exc)}") from None
+            _fail(exc)
 
     return wrapper
+
+
+class _Failed(click.ClickException):
+    """A :class:`FinelakeError` as click's one-line error, with the error's own exit status
+    (1; a failed canary 3)."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(_one_line(exc) if not getattr(exc, "exit_code", None) else str(exc))
+        self.exit_code = int(getattr(exc, "exit_code", 1) or 1)
+
+    def show(self, file=None) -> None:
+        if self.exit_code == 1:
+            super().show(file)
+        else:  # a message that speaks for itself ("canary failed: ..."), several lines
+            click.echo(self.format_message(), err=True, file=file)
+
+
+def _fail(exc: BaseException):
+    raise _Failed(exc) from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -112,77 +124,73 @@ def cli() -> None:
     as Spark jobs over Delta tables."""
 
 
-@cli.command()
-@_apply(_inputs + _fields)
-@_common
-def ingest(ctx, queries, documents, query_field, text_field, id_field, source_field):
-    """Ingest queries and/or documents into Delta (normalize, dedup, decontaminate, quarantine).
+_STAGE_OPTIONS = {
+    "inputs": _inputs + _fields,
+    "max_queries": _limits[:1],
+    "max_documents": _limits[1:],
+    "out": [click.option("--out", default=None,
+                         help="Folder for report.md and plots (default: <lake>/_reports/<run>).")],
+}
+"""A stage's declared options (:attr:`finelake.stage.Stage.options`) -> their click options."""
 
-    Only the inputs named are read."""
-    from finelake.jobs.ingest import run_ingest
+_FORCE = click.option("--force", is_flag=True,
+                      help="Start even while an upstream stage has rows left to retry (a gate).")
+_CANARY = click.option("--no-canary", "no_canary", is_flag=True,
+                       help="Skip the canary chunk and its quality gates (quality.canary).")
 
-    _print_stats(run_ingest(ctx, queries=queries, documents=documents, query_field=query_field,
-                            text_field=text_field, id_field=id_field, source_field=source_field))
 
+def _stage_command(stage) -> None:
+    """``finelake <stage>`` for one stage of :data:`finelake.jobs.pipeline.PIPELINE`: its declared
+    options, ``--force`` where it has gates, ``--no-canary`` where the profile has gates for it."""
+    from finelake.config import QualityConfig
+    from finelake.stage import ModelStage
 
-def _stage_command(stage: str, help_text: str):
-    @cli.command(name=stage, help=help_text)
-    @_apply(_limits)
+    options = [o for name in stage.options for o in _STAGE_OPTIONS[name]]
+    if stage.gates:
+        options.append(_FORCE)
+    canary = isinstance(stage, ModelStage) and stage.name in QualityConfig.model_fields
+    if canary:
+        options.append(_CANARY)
+
+    @cli.command(name=stage.name, help=stage.help)
+    @_apply(options)
     @_common
-    def cmd(ctx, max_queries, max_documents):
-        import importlib
+    def cmd(ctx, max_queries=None, max_documents=None, force=False, no_canary=False, **kwargs):
+        from finelake.jobs.runner import run_stage
+        from finelake.stage import Limits
 
-        mod = importlib.import_module(f"finelake.jobs.{stage}")
-        _print_stats(getattr(mod, f"run_{stage}")(ctx, max_queries=max_queries,
-                                                  max_documents=max_documents))
-
-    return cmd
-
-
-_stage_command("genericize", "Genericize queries into <fi> templates (queries -> templates).")
-_stage_command("index", "Embed compatible document descriptions and build the FAISS template index.")
-_stage_command("match", "Match documents to templates (Gaussian-pooled embeddings, threshold, weighted sample).")
-_stage_command("instantiate", "Instantiate matched templates against their documents (excerpt answers).")
-_stage_command("judge", "Score instantiated pairs 1-5 and keep those >= judge.min_score.")
-_stage_command("budget", "Keep judged pairs within each document's token budget (with rollover) -> pairs.")
+        limits = Limits(max_queries=max_queries, max_documents=max_documents, force=force,
+                        canary=False if no_canary else None)
+        stats = run_stage(ctx, stage, limits, **kwargs)
+        if stage.name != "report":
+            _print_stats(stats)
 
 
-@cli.command(name="continue")
-@click.option("--max-documents", type=int, default=None, help="Continue at most N documents (seeded uniform sample).")
-@_common
-def continue_cmd(ctx, max_documents):
-    """Non-instructional data: halve sampled documents, a teacher continues them (documents -> continuations)."""
-    from finelake.jobs.continuation import run_continue
+def _register_stages() -> None:
+    from finelake.jobs.pipeline import PIPELINE
 
-    _print_stats(run_continue(ctx, max_documents=max_documents))
+    for stage in PIPELINE:
+        _stage_command(stage)
 
 
 @cli.command()
-@_apply(_inputs + _fields + _limits)
+@_apply(_inputs + _fields + _limits + [_FORCE, _CANARY])
 @_common
 def run(ctx, queries, documents, query_field, text_field, id_field, source_field, max_queries,
-        max_documents):
+        max_documents, force, no_canary):
     """Run the whole pipeline: ingest, genericize, index, match, instantiate, judge, budget, report.
 
     With neither --queries nor --documents, the inputs are the shipped sample; with one named,
-    only that one is ingested and the other table must already be in the lake."""
+    only that one is ingested and the other table must already be in the lake. Stops before a
+    stage whose gate holds (rows left to retry: rerun to retry them) or after a failed canary
+    (exit status 3)."""
     from finelake.jobs.pipeline import run_pipeline
 
     run_pipeline(ctx, queries=queries, documents=documents, max_queries=max_queries,
                  max_documents=max_documents,  # prints each stage's summary as it finishes
                  fields=dict(query_field=query_field, text_field=text_field, id_field=id_field,
-                             source_field=source_field))
-
-
-@cli.command()
-@click.option("--out", default=None, help="Folder for report.md and plots (default: <lake>/_reports/<run>).")
-@_common
-def report(ctx, out):
-    """Print and save the funnel, distributions, template diversity and stage speeds."""
-    from finelake.jobs.report import run_report
-
-    path = run_report(ctx, out=out)
-    click.echo(f"report written to {path}")
+                             source_field=source_field),
+                 force=force, canary=False if no_canary else None)
 
 
 @cli.command()
@@ -384,6 +392,9 @@ def emr_steps(profile, overrides, lake, run_id, wheel, queries, documents, max_q
     except (ConfigError, ValueError) as exc:
         raise click.ClickException(_one_line(exc)) from None
     click.echo(json.dumps(steps, indent=2))
+
+
+_register_stages()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -145,13 +145,26 @@ class MatchConfig(_Strict):
         "cut are counted in the stage summary. null: no cap.")
     search_batch: int = Field(256, ge=1, description="Documents per FAISS call (all their K+1 "
                               "vectors in one range search).")
-    templates_per_doc: int = Field(6, ge=1)
+    templates_per_doc: int = Field(6, ge=1, description="Templates sampled per document (§3.2: six).")
+    chunk_documents: int = Field(2048, ge=1, description="Documents per committed chunk (raised so "
+                                 "each GPU task embeds a whole batch); a killed run loses at most "
+                                 "the chunks in flight.")
     thresholds: dict[str, float] = Field(
         default_factory=lambda: {"BAAI/bge-m3": 0.865,
                                  "fineinstructions/instruction_template_retrieval_embedding": 0.865},
         description="Cosine threshold per embedding model id (§3.2).")
-    default_threshold: float = Field(0.865, ge=-1, le=1)
-    seed: int = 0
+    default_threshold: float = Field(0.865, ge=-1, le=1, description="Cosine threshold of an "
+                                     "embedding model not in thresholds (the paper's, §3.2).")
+    seed: int = Field(0, description="Seeds the weighted template sample of every document.")
+    complexity_target: Optional[dict[int, int]] = Field(
+        None, description="Target complexity distribution of the sampled templates (§3.2): "
+        "number of slots -> relative frequency. null: the lake's genericized real queries per "
+        "number of slots. Fixed per index version (weights.json) once computed.")
+
+    def threshold_for(self, embedding_model: str) -> float:
+        """The cosine threshold for ``embedding_model``: ``thresholds[model]``, else
+        ``default_threshold`` (0.865, the paper's value for its fine-tuned BGE-M3, §3.2)."""
+        return float(self.thresholds.get(embedding_model, self.default_threshold))
 
 
 class InstantiateConfig(_Strict):
@@ -212,6 +225,9 @@ class ContinueConfig(_Strict):
     split_min: float = Field(0.25, gt=0, lt=1, description="Earliest split, fraction of the document.")
     split_max: float = Field(0.75, gt=0, lt=1, description="Latest split, fraction of the document.")
     chunk_documents: int = Field(64, ge=1, description="Documents per committed chunk.")
+    max_attempts: int = Field(3, ge=1, description="Runs that may try a row whose model call "
+                              "failed transiently (timeout, OOM, dead engine, HTTP 429/5xx); then "
+                              "it is error and quarantined.")
     prompt_version: str = "continue-v1"
     truncation: Literal["trim", "drop"] = Field(
         "trim", description="A continuation cut by the token limit mid-sentence: 'trim' it to its "
@@ -242,6 +258,57 @@ class ModelsConfig(_Strict):
 class RunConfig(_Strict):
     max_queries: Optional[int] = Field(None, ge=1)
     max_documents: Optional[int] = Field(None, ge=1)
+
+
+class _Gates(_Strict):
+    """Gates of one stage's canary: ``max_<metric>`` / ``min_<metric>`` limits on shares of the
+    canary's rows (:mod:`finelake.method.canary` defines the metrics)."""
+
+
+class GenericizeGates(_Gates):
+    max_invalid_share: float = Field(0.5, ge=0, le=1, description="Most queries whose reply did "
+                                     "not give a valid template (status invalid).")
+    max_unknown_keys_share: float = Field(0.5, ge=0, le=1, description="Most replies with JSON "
+                                          "keys finelake does not read (flag unknown_keys).")
+    max_error_share: float = Field(0.5, ge=0, le=1, description="Most rows whose model call "
+                                   "failed (status error or retry).")
+
+
+class InstantiateGates(_Gates):
+    max_invalid_share: float = Field(0.5, ge=0, le=1, description="Most pairs whose reply did not "
+                                     "parse or broke a rule (status invalid).")
+    max_null_share: float = Field(0.8, ge=0, le=1, description="Most pairs the instantiator "
+                                  "called incompatible (status null).")
+    max_unfilled_slot_share: float = Field(0.3, ge=0, le=1, description="Most instructions with a "
+                                           "<fi> slot left unfilled.")
+    max_excerpt_markup_share: float = Field(0.2, ge=0, le=1, description="Most instructions "
+                                            "carrying excerpt markup (<excerpt>, <...>).")
+    max_unknown_keys_share: float = Field(0.5, ge=0, le=1, description="Most replies with JSON "
+                                          "keys finelake does not read (flag unknown_keys).")
+    min_grounded_share: float = Field(0.3, ge=0, le=1, description="Fewest answers that pass the "
+                                      "excerpt check (§3.3), among pairs with an answer.")
+    max_error_share: float = Field(0.5, ge=0, le=1, description="Most rows whose model call "
+                                   "failed (status error or retry).")
+
+
+class JudgeGates(_Gates):
+    min_pass_share: float = Field(0.02, ge=0, le=1, description="Fewest scored pairs the judge "
+                                  "keeps (score >= judge.min_score, §3.4).")
+    max_error_share: float = Field(0.5, ge=0, le=1, description="Most pairs without a score "
+                                   "(no valid score in the reply, or a failed call).")
+
+
+class QualityConfig(_Strict):
+    """The canary: each model stage with gates first runs ``canary_rows`` rows and stops the run
+    when they fail a gate (``finelake <stage> --no-canary`` overrides)."""
+
+    canary: bool = Field(False, description="Run a canary chunk first in genericize, instantiate "
+                         "and judge (on by default in the cluster profiles).")
+    canary_rows: int = Field(64, ge=1, description="Rows of the canary chunk (chosen by a stable "
+                             "hash of the stage's chunk key, so every run picks the same ones).")
+    genericize: GenericizeGates = Field(default_factory=GenericizeGates)
+    instantiate: InstantiateGates = Field(default_factory=InstantiateGates)
+    judge: JudgeGates = Field(default_factory=JudgeGates)
 
 
 # ----------------------------------------------------------------------------- train / evaluate
@@ -401,6 +468,7 @@ class FinelakeConfig(_Strict):
     continue_: ContinueConfig = Field(default_factory=ContinueConfig, alias="continue",
                                       description="The 'continue:' section (a Python keyword).")
     run: RunConfig = Field(default_factory=RunConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)

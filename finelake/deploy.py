@@ -17,13 +17,14 @@ from __future__ import annotations
 from typing import Mapping, Optional, Sequence
 
 from finelake.config import ConfigError, FinelakeConfig
-from finelake.jobs.pipeline import STAGES as _MODEL_AND_BUDGET_STAGES
+from finelake.jobs.pipeline import STAGES, run_order
 
-#: The tasks of one pipeline run, in the order ``finelake run`` (``run_pipeline``) runs them.
-PIPELINE_TASKS: tuple[str, ...] = ("ingest", *_MODEL_AND_BUDGET_STAGES, "report")
+#: The tasks of one pipeline run, in the order ``finelake run`` (``run_pipeline``) runs them:
+#: :data:`finelake.jobs.pipeline.PIPELINE`'s stages with ``in_run``.
+PIPELINE_TASKS: tuple[str, ...] = tuple(s.name for s in run_order())
 
 #: Tasks that run a model on the executors (generator, embedder or judge) and so want GPU nodes.
-GPU_TASKS: frozenset[str] = frozenset({"genericize", "index", "match", "instantiate", "judge"})
+GPU_TASKS: frozenset[str] = frozenset(s.name for s in run_order() if s.uses_model)
 
 #: The Delta Lake jars EMR 7.0 and later ship (Delta 3.0 renamed delta-core.jar to
 #: delta-spark.jar); ``delta-spark.jar`` also carries the ``delta`` Python package, so it goes on
@@ -79,16 +80,16 @@ def task_args(task: str, *, profile: str, run_id: str, lake: Optional[str] = Non
         args += ["--lake", lake]
     for item in overrides:
         args += ["--set", item]
-    if task == "ingest":
+    options = STAGES[task].options
+    if "inputs" in options:
         if queries is None and documents is None:
             raise ValueError("the ingest task needs its input: --queries and/or --documents")
         args += ["--queries", queries] if queries is not None else []
         args += ["--documents", documents] if documents is not None else []
-    if task in _MODEL_AND_BUDGET_STAGES:
-        if max_queries is not None:
-            args += ["--max-queries", str(max_queries)]
-        if max_documents is not None:
-            args += ["--max-documents", str(max_documents)]
+    if max_queries is not None and "max_queries" in options:
+        args += ["--max-queries", str(max_queries)]
+    if max_documents is not None and "max_documents" in options:
+        args += ["--max-documents", str(max_documents)]
     return args
 
 

@@ -111,6 +111,30 @@ def chunk_count(n_scope: int, chunk_size: int) -> int:
     return -(-n // KEY_BUCKETS) * KEY_BUCKETS
 
 
+def chunk_bucket_range(n_chunks: int, chunk: int) -> tuple[int, int]:
+    """The stored ``key_bucket`` values ``(lo, hi)`` (inclusive, contiguous) that hold every row
+    of chunk ``chunk`` of ``n_chunks`` (``abs(xxhash64(key)) % n_chunks == chunk``, with
+    ``n_chunks`` from :func:`chunk_count`): the bit-reversed low bits of the hash.
+
+    Raises:
+        ValueError: ``n_chunks`` is not a power of two up to :data:`KEY_BUCKETS` nor a multiple
+            of it, or ``chunk`` is out of range.
+    """
+    if not 0 <= chunk < n_chunks:
+        raise ValueError(f"chunk {chunk} out of range for {n_chunks} chunks")
+    if n_chunks >= KEY_BUCKETS:
+        if n_chunks % KEY_BUCKETS:
+            raise ValueError(f"{n_chunks} chunks: not a multiple of {KEY_BUCKETS}")
+        b = _REV[chunk % KEY_BUCKETS]
+        return b, b
+    if n_chunks & (n_chunks - 1):
+        raise ValueError(f"{n_chunks} chunks: not a power of two")
+    k = n_chunks.bit_length() - 1  # low k bits of the hash = chunk
+    span = KEY_BUCKETS >> k
+    lo = _REV[chunk] & ~(span - 1)  # the reversed k bits on top, any low bits
+    return lo, lo + span - 1
+
+
 def _bucket_filter(buckets, complete: bool, alias: str = "t") -> Optional[str]:
     """Target-only predicate restricting a merge to ``buckets`` (None: every bucket, no filter).
     Rows of a table migrated in place have a null bucket until ``finelake optimize`` backfills
@@ -880,6 +904,27 @@ class Lake:
         if self.engine == "delta-spark":
             return reader.load(self.path(tdef))
         return reader.option("delta_path", self.path(tdef)).load()
+
+    def read_chunk(self, tdef: TableDef, column: str, n_chunks: int, chunk: int):
+        """The rows of ``tdef`` whose ``column`` falls in chunk ``chunk`` of ``n_chunks``
+        (``abs(xxhash64(column)) % n_chunks == chunk``), as a Spark DataFrame.
+
+        When ``column`` is the table's first key and the table carries ``key_bucket``, the read
+        also filters on the chunk's bucket range (:func:`chunk_bucket_range`), which Delta's
+        file statistics use to skip every file outside it once the table is clustered by bucket
+        (``finelake optimize``): a chunk then reads its share of the table, not all of it.
+        """
+        from pyspark.sql import functions as F
+
+        df = self._read_stored(tdef)
+        if column == tdef.key[0] and bucketed(tdef):
+            has, complete = self.bucket_layout(tdef)
+            if has:
+                lo, hi = chunk_bucket_range(n_chunks, chunk)
+                cond = F.col(KEY_BUCKET).between(lo, hi)
+                df = df.where(cond if complete else (cond | F.col(KEY_BUCKET).isNull()))
+        df = df.where(F.abs(F.xxhash64(column)) % F.lit(n_chunks) == F.lit(chunk))
+        return df if KEY_BUCKET in tdef.columns or KEY_BUCKET not in df.columns else df.drop(KEY_BUCKET)
 
     def read_arrow(self, tdef: TableDef, version: Optional[int] = None,
                    columns: Optional[list[str]] = None) -> pa.Table:

@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Any, Optional
 
 from finelake.config import FinelakeConfig
 from finelake.errors import FinelakeError  # noqa: F401 - re-exported: finelake.runtime.FinelakeError
@@ -27,7 +27,9 @@ def new_run_id() -> str:
 
 @dataclass
 class StageStats:
-    """Counts a stage reports: rows in, rows out, rows dropped by reason, rows quarantined."""
+    """Counts a stage reports: rows in, rows out, rows dropped by reason, rows quarantined, and
+    (model stages) rows left with status ``retry`` for the next run (:attr:`retry`, what the gates
+    and ``finelake run`` read)."""
 
     stage: str
     rows_in: int = 0
@@ -35,9 +37,12 @@ class StageStats:
     quarantined: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     skipped: int = 0
+    retry: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     seconds: Optional[float] = None
+    chunk_run: Optional[Any] = field(default=None, repr=False)
+    """A model stage's :class:`finelake.jobs.chunks.ChunkRun` (chunk timings), when it ran chunks."""
 
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
@@ -60,6 +65,8 @@ class StageStats:
         if nd:
             parts.append(f"dropped={nd} (" + ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) + ")")
         parts.append(f"quarantined={self.quarantined}")
+        if self.retry:
+            parts.append(f"retry={self.retry}")
         if self.skipped:
             parts.append(f"skipped(already done)={self.skipped}")
         for k, v in self.extra.items():
@@ -70,7 +77,7 @@ class StageStats:
     def as_dict(self) -> dict:
         return {"stage": self.stage, "rows_in": self.rows_in, "rows_out": self.rows_out,
                 "quarantined": self.quarantined, "dropped": dict(self.dropped),
-                "skipped": self.skipped, "seconds": self.seconds, **self.extra}
+                "skipped": self.skipped, "retry": self.retry, "seconds": self.seconds, **self.extra}
 
 
 class StageContext:

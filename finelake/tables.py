@@ -119,9 +119,23 @@ MATCHES = TableDef(
 MATCH_LOG = TableDef(
     "match_log",
     _schema(("doc_id", S), ("candidates", I32), ("sampled", I32), ("threshold", F64),
-            ("embedding_model", S), ("index_version", S), *LINEAGE),
+            ("embedding_model", S), ("index_version", S), ("cut", B), ("status", S), ("reason", S),
+            ("attempts", I32), *LINEAGE),
     key=("doc_id",),
-    description="One row per processed document: candidates above the threshold and templates sampled.",
+    description="One row per processed document: candidates above the threshold, templates "
+                "sampled, cut (the candidate list was capped at match.max_candidates), status "
+                "(ok; null on rows written before statuses) and attempts.",
+)
+
+MATCH_OUTPUT = TableDef(
+    "match_output",
+    pa.schema([*MATCH_LOG.schema,
+               pa.field("picked", pa.list_(pa.struct([
+                   ("template_id", S), ("chunk_index", I32), ("score", F64), ("num_slots", I32),
+                   ("sample_rank", I32)])))]),
+    key=("doc_id",),
+    description="Not a lake table: what match's executors return per document, its match_log row "
+                "with the templates it sampled (picked), committed as matches and match_log.",
 )
 
 INSTANTIATIONS = TableDef(
@@ -177,10 +191,11 @@ CONTINUATIONS = TableDef(
             ("document_instructional_score", F64), ("prompt_instructional_score", F64),
             ("continuation_instructional_score", F64),
             ("instructional", B), ("flags", pa.list_(S)), ("model_id", S), ("prompt_version", S),
-            ("seed", I64), *LINEAGE),
+            ("seed", I64), ("attempts", I32), *LINEAGE),
     key=("doc_id",),
     description="Non-instructional data: a document's first half, a teacher's continuation (status "
-                "ok, dropped with a reason, or error) and instructional-content flags.",
+                "ok, dropped with a reason, error, or retry: a transient failure the next run "
+                "tries again; attempts: runs that tried it) and instructional-content flags.",
 )
 
 ALL_TABLES: dict[str, TableDef] = {

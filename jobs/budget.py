@@ -45,13 +45,14 @@ transient failure the next run retries, :mod:`finelake.faults`) holds its docume
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pandas as pd
 import pyarrow as pa
 
 from finelake.jobs.common import fail_point, job_main, require
 from finelake.runtime import FinelakeError, StageContext, StageStats
+from finelake.stage import Gate, Stage
 from finelake.tables import (BUDGET_LEDGER, DOCUMENTS, INSTANTIATIONS, JUDGMENTS, MATCH_LOG, MATCHES,
                              PAIRS, QUARANTINE)
 
@@ -143,6 +144,50 @@ def _ledger_buckets(lake, buckets: int):
     return ledger
 
 
+MAX_DOCS_PER_BUCKET = 2_000_000
+"""Documents one budget walk should hold at most. A bucket's walk is one ``applyInPandas`` group:
+its documents and their kept pairs as pandas in one Python worker, about 0.3-0.5 KB per document
+with six pairs (ids, token counts, the sort), so 2M documents is ~1 GB of worker memory (the
+default ``spark.executor.pyspark.memory`` budgets of Databricks and EMR nodes are several GB)."""
+
+
+def bucket_warning(n_documents: int, buckets: int, walked: Optional[int] = None) -> Optional[str]:
+    """Why ``buckets`` budget walks are too few for ``n_documents`` documents (None when they
+    are enough), with the fix. ``walked``: the bucket count the lake's ledger already uses."""
+    if n_documents <= buckets * MAX_DOCS_PER_BUCKET:
+        return None
+    need = 1 << max(0, (-(-n_documents // MAX_DOCS_PER_BUCKET) - 1).bit_length())
+    fix = (f"set budget.buckets: {need} (or more) in the profile before the lake's first budget "
+           f"run" if walked is None else
+           f"this lake's ledger is walked with {walked} bucket(s), fixed for its life: remove its "
+           f"budget_ledger and pairs tables and rerun 'finelake budget' with budget.buckets: "
+           f"{need} (the walk restarts: pairs are derived from the ledger)")
+    return (f"budget.buckets={buckets if walked is None else walked} for {n_documents:,} documents: "
+            f"each budget walk would hold ~{n_documents // (walked or buckets):,} documents in one "
+            f"Python worker (more than {MAX_DOCS_PER_BUCKET:,}, about 1 GB): {fix}")
+
+
+def lake_bucket_warning(lake, buckets: int) -> Optional[str]:
+    """:func:`bucket_warning` for a lake: its documents counted from Delta's file statistics
+    (delta-rs, no Spark job) and its ledger's bucket count; None when the tables cannot be read
+    that way (an object store without credentials on this machine) or there is nothing to warn."""
+    try:
+        from deltalake import DeltaTable
+
+        if not lake.exists(DOCUMENTS):
+            return None
+        actions = DeltaTable(lake.path(DOCUMENTS)).get_add_actions(flatten=True)
+        n_docs = sum(v or 0 for v in actions.column("num_records").to_pylist())
+        walked = None
+        if lake.exists(BUDGET_LEDGER):
+            b = DeltaTable(lake.path(BUDGET_LEDGER)).to_pyarrow_dataset().head(1, columns=["buckets"])
+            walked = (b.column("buckets")[0].as_py() or 1) if b.num_rows else None
+    except Exception as exc:  # noqa: BLE001 - a warning must never stop a run
+        log.debug("budget bucket check skipped: %s", exc)
+        return None
+    return bucket_warning(n_docs, buckets, walked)
+
+
 def unready_documents(lake):
     """Document ids (possibly repeated) with unfinished work upstream, not ready for budget:
 
@@ -192,6 +237,10 @@ def run_budget(ctx: StageContext, max_queries=None, max_documents=None) -> Stage
     cfg, lake = ctx.cfg, ctx.lake
     buckets = cfg.budget.buckets
     stats = StageStats(STAGE)
+    warning = lake_bucket_warning(lake, buckets)
+    if warning:
+        log.warning("budget: %s", warning)
+        print(f"[budget] warning: {warning}", flush=True)
     judged = require(ctx, JUDGMENTS, "judge")
     inst = lake.read(INSTANTIATIONS)
     processed = require(ctx, MATCH_LOG, "match").select("doc_id")
@@ -304,6 +353,17 @@ def _spark_schema(tdef):
     from pyspark.sql.pandas.types import from_arrow_schema
 
     return from_arrow_schema(tdef.schema)
+
+
+BUDGET = Stage(
+    name=STAGE,
+    help="Keep judged pairs within each document's token budget (with rollover) "
+         "(judgments -> pairs, budget_ledger).",
+    reads=(JUDGMENTS, INSTANTIATIONS, MATCHES, MATCH_LOG, DOCUMENTS),
+    writes=(PAIRS, BUDGET_LEDGER, QUARANTINE),
+    run=lambda ctx, limits: run_budget(ctx),
+    gates=(Gate("instantiate", INSTANTIATIONS), Gate("judge", JUDGMENTS)))
+"""budget as a stage (:mod:`finelake.stage`): waits while instantiate or judge has rows to retry."""
 
 
 def main(argv=None):

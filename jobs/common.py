@@ -1,4 +1,6 @@
-"""Helpers the stage jobs share: model specs, limits, pending work, chunked commits.
+"""Helpers the stage jobs share: model specs, limits, pending work, reads by key, the executor
+row mapping, outcome counts and quarantine. The chunk loop is :mod:`finelake.jobs.chunks`, the
+model-stage skeleton :mod:`finelake.jobs.runner`.
 
 Nothing here calls a model: models are reached only through :mod:`finelake.udfs`.
 """
@@ -9,12 +11,12 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Iterable, Optional
 
 import pyarrow as pa
 
 from finelake.config import ModelConfig
-from finelake.progress import Progress
 from finelake.runtime import FinelakeError, StageContext
 from finelake.tables import TableDef
 
@@ -98,6 +100,23 @@ def unfinished(lake, scope, tdef: TableDef, key: str):
             .drop("_status", "_attempts"))
 
 
+def read_for_keys(ctx: StageContext, tdef: TableDef, keys, column: str, n_chunks: int,
+                  chunk: Optional[int], columns: Iterable[str]):
+    """The ``columns`` of ``tdef`` for the rows whose ``column`` is in ``keys`` (a DataFrame with
+    ``column``): a chunk's inputs, read by key.
+
+    With ``chunk`` (one hash chunk of ``n_chunks`` over ``column``) only that chunk's share of the
+    table is read (:meth:`finelake.lake.Lake.read_chunk`: its key buckets, where ``column`` is the
+    table's key); None (the canary, whose keys come from every chunk) reads the table and keeps
+    the rows of ``keys``.
+    """
+    cols = list(dict.fromkeys([column, *columns]))
+    if chunk is None:
+        rows = ctx.lake.read(tdef).select(*cols)
+        return rows.join(keys.select(column).distinct(), column, "left_semi")
+    return ctx.lake.read_chunk(tdef, column, n_chunks, chunk).select(*cols)
+
+
 RETRY_MERGE = dict(update=True, update_when="t.status = 'retry'")
 """Merge arguments of the model stages: new rows are inserted, and a row the table holds with
 status ``retry`` is overwritten by its new try; finished rows are never rewritten."""
@@ -133,79 +152,6 @@ def quarantine_failures(ctx: StageContext, stage: str, tdef: TableDef, key: str,
     if scope is not None:
         failed = failed.join(scope.select(key), key, "left_semi")
     return failed.count()
-
-
-def spread(df, key: str, n: int):
-    """``df`` in exactly ``n`` partitions by a hash of ``key``: which rows share a task depends on
-    the keys alone, not on the plan above.
-
-    Not ``df.repartition(n, key)``: when ``df`` comes out of a join on ``key`` that is already
-    hash-partitioned on it, Spark drops that repartition as redundant, and adaptive execution may
-    then coalesce the join's small shuffle into one partition, so one task (one GPU) would do all
-    the model work. Partitioning on ``xxhash64(key)`` is never satisfied by a child's
-    partitioning, and an explicit partition count is never coalesced.
-    """
-    from pyspark.sql import functions as F
-
-    return df.repartition(n, F.xxhash64(key))
-
-
-def commit_in_chunks(ctx: StageContext, stage: str, tdef: TableDef, pending, key: str,
-                     n_scope: int, chunk_size: int, transform, order: tuple = (),
-                     plan=None, **merge_kwargs) -> int:
-    """Run ``transform`` over ``pending`` chunk by chunk and merge each chunk into ``tdef`` in its
-    own Delta commit, so a killed job loses at most one chunk of work.
-
-    A chunk is the set of rows whose ``xxhash64(key) % n_chunks`` equals its number, with
-    ``n_chunks = ceil(n_scope / chunk_size)`` rounded by :func:`finelake.lake.chunk_count` (so a
-    chunk's merge reads only its key buckets), taken from the rows *in scope* (e.g. every document
-    of the run), not from the pending ones. Each commit is atomic, so a chunk is either wholly
-    committed or wholly pending: a resumed run rebuilds every unfinished chunk with exactly the
-    rows it had, in the same partitions (hash of ``key``) and order (``key``, ``order``). That
-    matters for batched generation, whose floating-point results depend on what shares a batch:
-    the resumed run then produces the same outputs as an uninterrupted one.
-
-    Args:
-        pending: Spark DataFrame of the rows still to do (holds ``key``).
-        n_scope: rows (or keys) in scope this run; 0 means nothing to do.
-        chunk_size: target rows (keys) per chunk, >= 1.
-        transform: ``DataFrame -> DataFrame`` applied to one chunk (the model call, e.g.
-            :func:`map_rows`); its result is merged with ``ctx.lake.merge(tdef, ..., **merge_kwargs)``.
-            It is built inside :func:`finelake.resources.model_worker_pool` when ``plan`` is given.
-        plan: the stage's :class:`finelake.resources.StagePlan`: a chunk is spread over
-            ``plan.tasks`` partitions (one per GPU task, so each engine call gets a whole batch);
-            None: ``defaultParallelism``. A resumed run rebuilds the same chunks as long as the
-            plan's task count is the same (the same cluster size).
-
-    Returns:
-        The number of chunks committed by this call.
-    """
-    from pyspark.sql import functions as F
-
-    if n_scope <= 0:
-        return 0
-    from finelake.lake import chunk_count
-
-    n_chunks = chunk_count(n_scope, chunk_size)  # aligned with key buckets: merges prune
-    par = plan.tasks if plan is not None else ctx.spark.sparkContext.defaultParallelism
-    bucketed = pending.withColumn("_chunk", F.abs(F.xxhash64(key)) % F.lit(n_chunks))
-    sizes = {r["_chunk"]: r["count"] for r in bucketed.groupBy("_chunk").count().collect()}
-    todo = sorted(sizes)
-    with Progress(stage, sum(sizes.values()), unit="rows") as progress:
-        for done, c in enumerate(todo, start=1):
-            part = (spread(bucketed.where(F.col("_chunk") == c).drop("_chunk"), key, par)
-                    .sortWithinPartitions(key, *order))
-            if plan is not None:
-                from finelake.resources import model_worker_pool
-
-                with model_worker_pool(ctx.spark):
-                    out = transform(part)
-            else:
-                out = transform(part)
-            ctx.lake.merge(tdef, out, ctx.run_id, **merge_kwargs)
-            progress.update(sizes[c])
-            fail_point(stage, done)
-    return len(todo)
 
 
 def to_json(obj) -> str:
@@ -244,22 +190,24 @@ def coalesce_batches(batches, min_rows: int):
         yield pa.Table.from_batches(held)
 
 
-class _PairSum:
-    """Accumulator parameter adding ``[model calls, prompts]`` pairs (see :func:`call_meter`)."""
+class _MeterSum:
+    """Accumulator parameter adding ``[model calls, prompts, row-function seconds]`` (see
+    :func:`call_meter`)."""
 
     def zero(self, value):
-        return [0, 0]
+        return [0, 0, 0.0]
 
     def addInPlace(self, a, b):  # noqa: N802 - Spark's AccumulatorParam interface
-        return [a[0] + b[0], a[1] + b[1]]
+        return [a[0] + b[0], a[1] + b[1], a[2] + b[2]]
 
 
 def call_meter(spark):
-    """A Spark accumulator of ``[model calls, prompts]`` that :func:`map_rows` fills on the
-    executors (from :data:`finelake.udfs.cache.CALLS`); read ``.value`` on the driver after the
-    job. None under Spark Connect (no accumulators)."""
+    """A Spark accumulator of ``[model calls, prompts, seconds]`` that :func:`map_rows` fills on
+    the executors (calls and prompts from :data:`finelake.udfs.cache.CALLS`; seconds spent in the
+    row function, model call included, summed over tasks); read ``.value`` on the driver after
+    the job. None under Spark Connect (no accumulators)."""
     try:
-        return spark.sparkContext.accumulator([0, 0], _PairSum())
+        return spark.sparkContext.accumulator([0, 0, 0.0], _MeterSum())
     except Exception:  # noqa: BLE001 - Spark Connect
         return None
 
@@ -269,7 +217,7 @@ def record_meter(stats, meter) -> None:
     (``prompts_per_call=..`` and ``model_calls=..``)."""
     if meter is None:
         return
-    calls, prompts = meter.value
+    calls, prompts = meter.value[:2]
     if calls:
         stats.extra["model_calls"] = int(calls)
         stats.extra["prompts_per_call"] = f"{prompts / calls:.1f}"
@@ -281,10 +229,11 @@ def _rows_to_batches(batches, fn, schema, min_rows: int = 0, meter=None):
     from finelake.udfs import cache
 
     for table in coalesce_batches(batches, min_rows):
-        before = (cache.CALLS["calls"], cache.CALLS["prompts"])
+        before = (cache.CALLS["calls"], cache.CALLS["prompts"], time.monotonic())
         rows = fn(table.to_pandas())
         if meter is not None:
-            meter.add([cache.CALLS["calls"] - before[0], cache.CALLS["prompts"] - before[1]])
+            meter.add([cache.CALLS["calls"] - before[0], cache.CALLS["prompts"] - before[1],
+                       time.monotonic() - before[2]])
         if rows:
             yield pa.RecordBatch.from_pylist(rows, schema=schema)
 

@@ -23,23 +23,19 @@ run`` stops before the index while any are left, so templates come from a settle
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 
 import pandas as pd
 
-from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, count_outcomes,
-                                  job_main, limit_ordered, map_rows, model_label, model_spec,
-                                  quarantine_failures, record_meter, require, unfinished)
+from finelake.jobs.common import (count_outcomes, job_main, limit_ordered, model_label,
+                                  read_for_keys, require)
 from finelake.method import prompts, templates
-from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
 from finelake.runtime import StageContext, StageStats
+from finelake.stage import ChunkSettings, Limits, ModelStage
 from finelake.tables import GENERICIZATIONS, QUERIES, TEMPLATES
 
 STAGE = "genericize"
-RESOURCES = MODEL_STAGE
-"""One GPU per task where the cluster has GPUs (the generator; see :mod:`finelake.resources`)."""
 log = logging.getLogger(__name__)
 
 
@@ -95,54 +91,37 @@ def genericize_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_slots: int,
     return rows
 
 
-def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
-    """Genericize the (first ``max_queries``, by id) queries that have no final row yet (none, or ``retry``), then rebuild
-    ``templates`` from all ``ok`` rows.
+def _settings(cfg) -> ChunkSettings:
+    g = cfg.genericize
+    return ChunkSettings(model=g.model or cfg.models.generator, chunk_size=g.chunk_rows,
+                         max_attempts=g.max_attempts)
 
-    Returns:
-        Stats: rows_in = queries considered, rows_out = valid templates this run, dropped by
-        ``status:reason``, skipped = queries already genericized, quarantined = ``error`` rows,
-        ``extra["retry"]`` = rows left with status ``retry``.
 
-    Raises:
-        FinelakeError: ``queries`` does not exist (run ``finelake ingest``).
-    """
+def _scope(ctx: StageContext, limits: Limits):
+    """The first ``max_queries`` queries by id (``run.max_queries``; all when unset), ids only."""
+    n = limits.max_queries or ctx.cfg.run.max_queries
+    return limit_ordered(require(ctx, QUERIES, "ingest").select("query_id"), "query_id", n)
+
+
+def _inputs(ctx: StageContext, keys, n_chunks: int, chunk):
+    """A chunk's query ids with their text, read by key from ``queries``."""
+    return keys.join(read_for_keys(ctx, QUERIES, keys, "query_id", n_chunks, chunk, ["query"]),
+                     "query_id")
+
+
+def _row_args(ctx: StageContext, spec: dict) -> dict:
+    g = ctx.cfg.genericize
+    return dict(spec=spec, mode=g.mode, max_slots=g.max_slots, prompt_version=g.prompt_version,
+                max_attempts=g.max_attempts)
+
+
+def _summarize(ctx: StageContext, stats: StageStats, scope) -> None:
+    """Count every query in scope, then rebuild ``templates`` from all ``ok`` rows (merged by
+    template id, keeping the ids and the count of the queries that gave them)."""
     from pyspark.sql import functions as F
 
-    cfg, lake = ctx.cfg, ctx.lake
-    gcfg = cfg.genericize
-    stats = StageStats(STAGE)
-    n = max_queries or cfg.run.max_queries
-    queries = limit_ordered(require(ctx, QUERIES, "ingest").select("query_id", "query"), "query_id", n)
-    queries = queries.cache()
-    stats.rows_in = queries.count()
-    # New queries and those whose last try failed transiently (status retry).
-    pending = unfinished(lake, queries, GENERICIZATIONS, "query_id").cache()
-    n_pending = pending.count()
-    stats.skipped = stats.rows_in - n_pending
-    spec = model_spec(gcfg.model or cfg.models.generator)
-    fn = functools.partial(genericize_rows, spec=spec, mode=gcfg.mode, max_slots=gcfg.max_slots,
-                           prompt_version=gcfg.prompt_version, max_attempts=gcfg.max_attempts)
-    # One GPU per task on GPU clusters; chunks big enough for a whole batch per GPU task.
-    plan = plan_stage(ctx.spark, RESOURCES)
-    meter = call_meter(ctx.spark)
-    size = chunk_size(gcfg.chunk_rows, spec["batch_size"], plan.tasks)
-    log.info("%s: %s; %d queries per chunk", STAGE, plan.note, size)
-    # Chunks are drawn over every query of the run, not the pending ones (see commit_in_chunks).
-    commit_in_chunks(ctx, STAGE, GENERICIZATIONS, pending, "query_id",
-                     stats.rows_in if n_pending else 0, size,
-                     lambda part: map_rows(part, fn, GENERICIZATIONS, min_rows=spec["batch_size"],
-                                           meter=meter, profile=plan.profile), plan=plan,
-                     **RETRY_MERGE)
-    record_meter(stats, meter)
-    queries.unpersist()
-    pending.unpersist()
-
-    # Account for every query of this run, then rebuild the merged templates.
-    gen = lake.read(GENERICIZATIONS).join(queries.select("query_id"), "query_id", "left_semi")
-    count_outcomes(stats, gen)
-    stats.quarantined = quarantine_failures(ctx, STAGE, GENERICIZATIONS, "query_id", queries)
-    stats.extra["retry"] = gen.where("status = 'retry'").count()
+    lake = ctx.lake
+    count_outcomes(stats, lake.read(GENERICIZATIONS).join(scope, "query_id", "left_semi"))
     ok = lake.read(GENERICIZATIONS).where("status = 'ok'")
     merged = (ok.groupBy("template_id").agg(
         F.first("template").alias("template"),
@@ -157,9 +136,33 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
                update_when="t.source_count <> s.source_count")
     stats.extra["templates"] = lake.read(TEMPLATES).count()
     stats.extra["valid_share"] = f"{stats.rows_out / stats.rows_in:.3f}" if stats.rows_in else "n/a"
-    lake.register(GENERICIZATIONS)
-    lake.register(TEMPLATES)
-    return stats.finish()
+
+
+GENERICIZE = ModelStage(
+    name=STAGE,
+    help="Genericize queries into <fi> templates (queries -> genericizations, templates).",
+    table=GENERICIZATIONS, key="query_id", chunk_key="query_id",
+    reads=(QUERIES,), also_writes=(TEMPLATES,),
+    settings=_settings, scope=_scope, inputs=_inputs, rows=genericize_rows, row_args=_row_args,
+    summarize=_summarize, options=("max_queries",))
+"""genericize as a model stage (:mod:`finelake.stage`): one row per query, chunks of queries."""
+
+
+def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
+    """Genericize the (first ``max_queries``, by id) queries that have no final row yet (none, or
+    ``retry``), then rebuild ``templates`` from all ``ok`` rows.
+
+    Returns:
+        Stats: rows_in = queries considered, rows_out = valid templates, dropped by
+        ``status:reason``, skipped = queries already genericized, quarantined = ``error`` rows,
+        ``retry`` = rows left with status ``retry``.
+
+    Raises:
+        FinelakeError: ``queries`` does not exist (run ``finelake ingest``).
+    """
+    from finelake.jobs.runner import run_model_stage
+
+    return run_model_stage(ctx, GENERICIZE, Limits(max_queries=max_queries))
 
 
 def main(argv=None):

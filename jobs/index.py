@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import Optional
 
 from finelake import storage
-from finelake.jobs.common import job_main, limit_ordered, require, spread
+from finelake.jobs.chunks import spread
+from finelake.jobs.common import job_main, limit_ordered, require
 from finelake.resources import MODEL_STAGE, model_worker_pool, plan_stage
 from finelake.runtime import FinelakeError, StageContext, StageStats
-from finelake.tables import TEMPLATES
+from finelake.stage import Gate, Stage
+from finelake.tables import GENERICIZATIONS, TEMPLATES
 
 STAGE = "index"
 RESOURCES = MODEL_STAGE
@@ -55,28 +58,85 @@ def latest_index(cfg, spark=None) -> dict:
 
 
 WEIGHTS_FILE = "weights.json"
+SLOTS_FILE = "slots.json"
 
 
-def index_weights(ctx: StageContext, idx: dict) -> dict[int, float]:
+def candidate_pool(index, pooled: list, threshold: float, cap, slots: dict) -> dict[int, int]:
+    """The complexity distribution of the *candidates* retrieval returns (§3.2): for each
+    calibration document, every template whose cosine with one of its K+1 embeddings reaches
+    ``threshold`` (at most ``cap``, the best, as match keeps), counted by ``num_slots``.
+
+    Args:
+        index: the built :class:`finelake.models.index.TemplateIndex`.
+        pooled: per calibration document its ``[K+1, d]`` Gaussian-pooled embeddings.
+        threshold: match's cosine threshold.
+        cap: ``match.max_candidates`` (None: no cap).
+        slots: template id -> number of slots.
+
+    Returns:
+        ``{num_slots: candidates}`` (empty without documents or candidates).
+    """
+    from finelake.udfs.index import search_documents
+
+    pool: dict[int, int] = {}
+    for i in range(0, len(pooled), 256):
+        res = search_documents(index, pooled[i:i + 256], threshold, cap)
+        for found in res.candidates:
+            for c in found:
+                k = slots.get(c["template_id"])
+                if k is not None:
+                    pool[int(k)] = pool.get(int(k), 0) + 1
+    return pool
+
+
+def template_slots(ctx: StageContext) -> dict[str, int]:
+    """Template id -> number of ``<fi>`` slots, for every template (driver memory: ~50 bytes per
+    template)."""
+    rows = require(ctx, TEMPLATES, "genericize").select("template_id", "num_slots").toArrow()
+    return {t: int(k) for t, k in zip(rows.column("template_id").to_pylist(),
+                                      rows.column("num_slots").to_pylist()) if k is not None}
+
+
+def index_slots(ctx: StageContext, idx: dict) -> None:
+    """Make sure ``<index>/<version>/slots.json`` exists: the slot count of each indexed template,
+    in the order of ``ids.json``, which match's executors read to sample by complexity (an index
+    published before the file existed gets it here, once)."""
+    path = storage.join(idx["path"], SLOTS_FILE)
+    if storage.exists(ctx.spark, path):
+        return
+    ids = json.loads(storage.read_text(ctx.spark, storage.join(idx["path"], "ids.json")))
+    slots = template_slots(ctx)
+    storage.write_text(ctx.spark, path, json.dumps([slots.get(t) for t in ids]))
+
+
+def index_weights(ctx: StageContext, idx: dict, pool: Optional[dict[int, int]] = None) -> dict[int, float]:
     """The complexity weights (§3.2) of an index version: computed once, stored at
     ``<index root>/<version>/weights.json`` and used by every match run against that version, so
     resumed and incremental runs sample exactly as a one-shot run.
 
     ``weights = complexity_weights(target, pool)``
-    (:func:`finelake.method.sampling.complexity_weights`) with target = the number of ``ok``
-    genericizations per ``num_slots`` (one per real query) and pool = the index's templates per
-    ``num_slots`` (the templates whose ids are in ``ids.json``), both read when the file is
-    first written: by ``finelake index`` when it publishes a version, or by the first match run
-    of a version published before weights were stored. Never rewritten.
+    (:func:`finelake.method.sampling.complexity_weights`): §3.2's weights correct what *retrieval*
+    returns (complex templates are harder to match), so
+
+    * pool = the complexity distribution of the candidates (every template above the threshold)
+      of a fixed calibration sample of documents (``index.recall_documents``, the first by id:
+      ids are content hashes), measured by ``finelake index`` on the index it builds
+      (:func:`candidate_pool`);
+    * target = ``match.complexity_target`` when the profile sets it, else the lake's ``ok``
+      genericizations per ``num_slots`` (one per real query).
+
+    A version published before candidate pools were measured (or with no document to calibrate
+    on) falls back to the index's templates per ``num_slots`` as the pool; the file records which
+    (``pool_source``).
 
     Args:
         idx: the index's ``LATEST`` record (``path``, ``version``).
+        pool: the candidate pool measured by ``finelake index`` (None: read the stored file, or
+            fall back as above).
 
     Returns:
-        ``{num_slots: weight}``; empty when the index's templates have no known complexity.
+        ``{num_slots: weight}``; empty when nothing has a known complexity.
     """
-    from pyspark.sql import functions as F
-
     from finelake.method.sampling import complexity_weights
     from finelake.tables import GENERICIZATIONS
 
@@ -85,23 +145,41 @@ def index_weights(ctx: StageContext, idx: dict) -> dict[int, float]:
         return {int(k): float(v) for k, v in json.loads(storage.read_text(ctx.spark, path))["weights"].items()}
     except FileNotFoundError:
         pass
-    ids = json.loads(storage.read_text(ctx.spark, storage.join(idx["path"], "ids.json")))
-    import pyarrow as pa
-
-    id_df = ctx.spark.createDataFrame(pa.table({"template_id": pa.array(ids, pa.string())}))
-    pool = {int(r["num_slots"]): int(r["count"]) for r in
-            require(ctx, TEMPLATES, "genericize").join(id_df, "template_id", "left_semi")
-            .where(F.col("num_slots").isNotNull()).groupBy("num_slots").count().collect()}
-    target = {int(r["num_slots"]): int(r["count"]) for r in
-              ctx.lake.read(GENERICIZATIONS).where("status = 'ok' AND num_slots IS NOT NULL")
-              .groupBy("num_slots").count().collect()} if ctx.lake.exists(GENERICIZATIONS) else {}
+    source = "candidates of the calibration documents"
+    if not pool:
+        source = "templates of the index (no calibration candidates)"
+        ids = json.loads(storage.read_text(ctx.spark, storage.join(idx["path"], "ids.json")))
+        slots = template_slots(ctx)
+        pool = {}
+        for t in ids:
+            if slots.get(t) is not None:
+                pool[slots[t]] = pool.get(slots[t], 0) + 1
+    configured = ctx.cfg.match.complexity_target
+    if configured:
+        target, target_source = {int(k): int(v) for k, v in configured.items()}, "match.complexity_target"
+    else:
+        target_source = "ok genericizations (real queries)"
+        target = {int(r["num_slots"]): int(r["count"]) for r in
+                  ctx.lake.read(GENERICIZATIONS).where("status = 'ok' AND num_slots IS NOT NULL")
+                  .groupBy("num_slots").count().collect()} if ctx.lake.exists(GENERICIZATIONS) else {}
     weights = complexity_weights(target, pool) if pool else {}
     storage.write_text(ctx.spark, path, json.dumps(
         {"version": idx["version"], "target": {str(k): v for k, v in sorted(target.items())},
-         "pool": {str(k): v for k, v in sorted(pool.items())},
+         "target_source": target_source,
+         "pool": {str(k): v for k, v in sorted(pool.items())}, "pool_source": source,
          "weights": {str(k): v for k, v in sorted(weights.items())}, "run_id": ctx.run_id},
         indent=1))
     return weights
+
+
+def stored_weights(cfg, spark=None) -> Optional[dict]:
+    """The current index version's ``weights.json`` (target, pool, weights and their sources), or
+    None when there is no index or no stored weights (the report reads it)."""
+    try:
+        idx = latest_index(cfg, spark)
+        return json.loads(storage.read_text(spark, storage.join(idx["path"], WEIGHTS_FILE)))
+    except (FinelakeError, FileNotFoundError):
+        return None
 
 
 STAGING = "_staging"
@@ -125,12 +203,14 @@ def _staging_files(spark, staging: str, tmp: str) -> list[str]:
     return out
 
 
-def recall_queries(ctx: StageContext, n: int):
-    """float32 ``[m, d]``: the K+1 Gaussian-pooled embeddings (match's chunks, sigma, alpha) of the
-    first ``n`` documents by id, embedded with the configured embedder: the queries the recall at
-    the threshold is measured on (real document embeddings, as match issues them). None when
-    ``n`` is 0 or there are no documents."""
-    from finelake.models.index import arrow_list_to_numpy
+def calibration_embeddings(ctx: StageContext, n: int) -> Optional[list]:
+    """Per document, the ``[K+1, d]`` float32 Gaussian-pooled embeddings (match's chunks, sigma,
+    alpha) of the first ``n`` documents by id (ids are content hashes: a fixed pseudo-random
+    sample), embedded with the configured embedder as match embeds them. The index measures its
+    recall at the threshold on them and the candidates' complexity distribution
+    (:func:`candidate_pool`). None when ``n`` is 0 or there are no documents."""
+    import numpy as np
+
     from finelake.tables import DOCUMENTS
     from finelake.udfs.embedding import map_embeddings
 
@@ -141,12 +221,9 @@ def recall_queries(ctx: StageContext, n: int):
     with model_worker_pool(ctx.spark):
         emb = map_embeddings(docs, ctx.cfg.models.embedder, "text", pooled=True, chunks=mc.chunks,
                              sigma=mc.sigma, alpha=mc.alpha)
-    col = emb.select("embedding").toArrow().column("embedding")
-    if len(col) == 0:
-        return None
-    import pyarrow.compute as pc
-
-    return arrow_list_to_numpy(pc.list_flatten(col.combine_chunks().drop_null()))
+    rows = emb.select("doc_id", "embedding").toArrow().sort_by("doc_id")
+    out = [np.asarray(v, dtype=np.float32) for v in rows.column("embedding").to_pylist() if v]
+    return out or None
 
 
 def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
@@ -161,7 +238,8 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     match threshold is measured on ``index.recall_documents`` real documents embedded as match
     embeds them, and recorded in meta.json and ``LATEST``. The staging folder is removed after.
     """
-    from finelake.jobs.match import threshold_for
+    import numpy as np
+
     from finelake.models.index import ParquetVectors, build_index_from
     from finelake.udfs.embedding import map_embeddings
 
@@ -181,7 +259,7 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     # by id hash, so the row order Spark writes does not change the index's answers.
     emb.select("template_id", "embedding").write.mode("overwrite").parquet(staging)
     ic = cfg.index
-    threshold = threshold_for(cfg)
+    threshold = cfg.match.threshold_for(cfg.models.embedder.model)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             files = _staging_files(ctx.spark, staging, tmp)
@@ -190,7 +268,8 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
             except ValueError:
                 raise FinelakeError("templates is empty: genericize produced no valid template") from None
             stats.rows_in = source.n
-            queries = recall_queries(ctx, ic.recall_documents)
+            calibration = calibration_embeddings(ctx, ic.recall_documents)
+            queries = np.concatenate(calibration) if calibration else None
             index = build_index_from(
                 source, exact_below=ic.exact_below, compress_above=ic.compress_above,
                 compression=ic.compression, nlist=ic.nlist, nprobe=ic.nprobe, pq_m=ic.pq_m,
@@ -201,9 +280,12 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     finally:
         storage.remove_tree(ctx.spark, staging)
     path = storage.join(root, index.version)
+    slots = template_slots(ctx)
     if not storage.exists(ctx.spark, storage.join(path, "meta.json")):
         with tempfile.TemporaryDirectory() as tmp:
             index.save(tmp)
+            with open(os.path.join(tmp, SLOTS_FILE), "w", encoding="utf-8") as f:
+                json.dump([slots.get(t) for t in index.ids], f)
             storage.put_dir(ctx.spark, tmp, path, last="meta.json")  # meta.json = complete
     else:
         stats.skipped = len(index)  # same content: the saved index is reused
@@ -217,7 +299,12 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
               "recall_queries": m["recall_queries"], "recall_queries_source": m["recall_queries_source"],
               "bytes_per_vector": m["bytes_per_vector"], "memory_bytes": m["memory_bytes"],
               "run_id": ctx.run_id}
-    index_weights(ctx, latest)  # before LATEST names the version: match finds them stored
+    # Complexity weights (§3.2) from the candidates of the calibration documents, before LATEST
+    # names the version: match finds them stored.
+    pool = (candidate_pool(index, calibration, threshold, cfg.match.max_candidates, slots)
+            if calibration else None)
+    weights = index_weights(ctx, latest, pool)
+    stats.extra["weights"] = "{" + ", ".join(f"{k}:{v:.2f}" for k, v in sorted(weights.items())) + "}"
     storage.write_text(ctx.spark, storage.join(root, "LATEST"), json.dumps(latest, indent=1))
     stats.rows_out = len(index)
     rt = index.recall_at_threshold
@@ -225,6 +312,15 @@ def run_index(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
                        recall_at_threshold="n/a" if rt is None else f"{rt:.3f}",
                        memory_per_executor_mb=round(m["memory_bytes"] / 2**20, 1))
     return stats.finish()
+
+
+INDEX = Stage(
+    name=STAGE, help="Embed compatible document descriptions and build the FAISS template index "
+                     "(templates -> <index.path>/<version>).",
+    reads=(TEMPLATES,), writes=(), resources=RESOURCES,
+    run=lambda ctx, limits: run_index(ctx),
+    gates=(Gate("genericize", GENERICIZATIONS),))
+"""index as a stage (:mod:`finelake.stage`): waits while genericize has rows to retry."""
 
 
 def main(argv=None):

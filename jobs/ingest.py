@@ -78,6 +78,7 @@ from finelake.method.text import (
     shingles,
 )
 from finelake.runtime import FinelakeError, StageContext, StageStats
+from finelake.stage import Stage
 from finelake.tables import DOCUMENTS, INGEST_DROPS, QUARANTINE, QUERIES, TableDef
 
 log = logging.getLogger(__name__)
@@ -837,6 +838,15 @@ def run_ingest(ctx: StageContext, queries: Optional[str] = None, documents: Opti
         if ctx.lake.exists(tdef):
             ctx.lake.register(tdef)
     return out
+
+
+INGEST = Stage(
+    name="ingest",
+    help="Ingest queries and/or documents into Delta (normalize, dedup, decontaminate, "
+         "quarantine); only the inputs named are read.",
+    reads=(), writes=(QUERIES, DOCUMENTS, QUARANTINE, INGEST_DROPS),
+    run=lambda ctx, limits, **inputs: run_ingest(ctx, **inputs), options=("inputs",))
+"""ingest as a stage (:mod:`finelake.stage`)."""
 
 
 def main(argv: Optional[list[str]] = None) -> None:

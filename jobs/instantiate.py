@@ -26,25 +26,20 @@ killed run resumes and ends with the same rows as an uninterrupted one (greedy d
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from typing import Optional
 
 import pandas as pd
 
-from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, count_outcomes,
-                                  job_main, map_rows, model_label, model_spec,
-                                  quarantine_failures, record_meter, require, stable_hash,
-                                  unfinished)
+from finelake.jobs.common import (job_main, limit_ordered, model_label, read_for_keys, require,
+                                  stable_hash)
 from finelake.method import prompts
-from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
 from finelake.runtime import StageContext, StageStats
+from finelake.stage import ChunkSettings, Limits, ModelStage
 from finelake.tables import DOCUMENTS, INSTANTIATIONS, MATCHES, TEMPLATES
 
 STAGE = "instantiate"
-RESOURCES = MODEL_STAGE
-"""One GPU per task where the cluster has GPUs (the generator; see :mod:`finelake.resources`)."""
 log = logging.getLogger(__name__)
 
 
@@ -106,6 +101,60 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
     return rows
 
 
+def _settings(cfg) -> ChunkSettings:
+    ic = cfg.instantiate
+    return ChunkSettings(model=ic.model or cfg.models.generator, chunk_size=ic.chunk_documents,
+                         max_attempts=ic.max_attempts)
+
+
+def _scope(ctx: StageContext, limits: Limits):
+    """Every match of the first ``max_documents`` documents by id (all when unset), keys only:
+    ``pair_key``, ``doc_id``, ``template_id``, ``sample_rank``."""
+    from pyspark.sql import functions as F
+
+    matches = require(ctx, MATCHES, "match").select("doc_id", "template_id", "sample_rank")
+    n = limits.max_documents or ctx.cfg.run.max_documents
+    if n:
+        keep = limit_ordered(require(ctx, DOCUMENTS, "ingest").select("doc_id"), "doc_id", n)
+        matches = matches.join(keep, "doc_id", "left_semi")
+    key = F.substring(F.sha1(F.concat_ws("\u0000", "doc_id", "template_id")), 1, 20)
+    return matches.withColumn("pair_key", key)
+
+
+def _inputs(ctx: StageContext, keys, n_chunks: int, chunk):
+    """A chunk's pairs with their document's text and template, read by key."""
+    docs = read_for_keys(ctx, DOCUMENTS, keys, "doc_id", n_chunks, chunk, ["text"])
+    tpls = ctx.lake.read(TEMPLATES).select("template_id", "template")
+    return keys.drop("pair_key").join(docs, "doc_id").join(tpls, "template_id")
+
+
+def _prompts_per_document(ctx: StageContext, scope, n_docs: int) -> float:
+    """Matches per document in scope: a chunk of documents gives this many prompts each."""
+    return scope.count() / n_docs if n_docs else 1.0
+
+
+def _row_args(ctx: StageContext, spec: dict) -> dict:
+    ic = ctx.cfg.instantiate
+    return dict(spec=spec, mode=ic.mode, max_document_chars=ic.max_document_chars,
+                min_excerpt_ratio=ic.min_excerpt_ratio,
+                max_answer_sentences=ic.max_answer_sentences, prompt_version=ic.prompt_version,
+                min_sentence_chars=ic.min_sentence_chars,
+                grounding_min_run_chars=ic.grounding_min_run_chars,
+                max_document_tokens=ic.max_document_tokens, tokenizer=ctx.cfg.tokenizer.model,
+                max_attempts=ic.max_attempts)
+
+
+INSTANTIATE = ModelStage(
+    name=STAGE,
+    help="Instantiate matched templates against their documents (matches -> instantiations).",
+    table=INSTANTIATIONS, key="pair_key", chunk_key="doc_id", order=("sample_rank",),
+    reads=(MATCHES, DOCUMENTS, TEMPLATES),
+    settings=_settings, scope=_scope, inputs=_inputs, rows=instantiate_rows, row_args=_row_args,
+    prompts_per_key=_prompts_per_document, options=("max_documents",))
+"""instantiate as a model stage (:mod:`finelake.stage`): one row per match, chunks of documents
+(a document's templates are generated together, in sample order)."""
+
+
 def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
     """Instantiate every match that has no final ``instantiations`` row yet (none, or ``retry``;
     documents limited as in ``match``).
@@ -113,58 +162,9 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
     Raises:
         FinelakeError: matches, documents or templates missing.
     """
-    from pyspark.sql import functions as F
+    from finelake.jobs.runner import run_model_stage
 
-    cfg, lake = ctx.cfg, ctx.lake
-    ic = cfg.instantiate
-    stats = StageStats(STAGE)
-    matches = require(ctx, MATCHES, "match").select("doc_id", "template_id", "sample_rank")
-    n = max_documents or cfg.run.max_documents
-    if n:
-        keep = require(ctx, DOCUMENTS, "ingest").select("doc_id").orderBy("doc_id").limit(n)
-        matches = matches.join(keep, "doc_id", "left_semi")
-    matches = matches.withColumn("pair_key", F.substring(F.sha1(F.concat_ws("\u0000", "doc_id", "template_id")), 1, 20)).cache()
-    stats.rows_in = matches.count()
-    # New pairs and those whose last try failed transiently (status retry).
-    pending = unfinished(lake, matches, INSTANTIATIONS, "pair_key")
-    work = (pending.join(lake.read(DOCUMENTS).select("doc_id", "text"), "doc_id")
-            .join(lake.read(TEMPLATES).select("template_id", "template"), "template_id")
-            .drop("pair_key")).cache()
-    n_pending = work.count()
-    stats.skipped = stats.rows_in - n_pending
-    # Chunks are drawn over every matched document, not the pending ones (see commit_in_chunks).
-    n_docs = matches.select("doc_id").distinct().count() if n_pending else 0
-    spec = model_spec(ic.model or cfg.models.generator)
-    fn = functools.partial(instantiate_rows, spec=spec, mode=ic.mode,
-                           max_document_chars=ic.max_document_chars,
-                           min_excerpt_ratio=ic.min_excerpt_ratio,
-                           max_answer_sentences=ic.max_answer_sentences,
-                           prompt_version=ic.prompt_version,
-                           min_sentence_chars=ic.min_sentence_chars,
-                           grounding_min_run_chars=ic.grounding_min_run_chars,
-                           max_document_tokens=ic.max_document_tokens,
-                           tokenizer=cfg.tokenizer.model, max_attempts=ic.max_attempts)
-    # One GPU per task on GPU clusters; chunks of documents whose matches fill a batch per task
-    # (matches per document from the whole scope, so a resumed run sizes chunks the same).
-    plan = plan_stage(ctx.spark, RESOURCES)
-    meter = call_meter(ctx.spark)
-    size = chunk_size(ic.chunk_documents, spec["batch_size"], plan.tasks,
-                      stats.rows_in / n_docs if n_docs else 1.0)
-    log.info("%s: %s; %d documents per chunk", STAGE, plan.note, size)
-    commit_in_chunks(ctx, STAGE, INSTANTIATIONS, work, "doc_id", n_docs, size,
-                     lambda part: map_rows(part, fn, INSTANTIATIONS, min_rows=spec["batch_size"],
-                                           meter=meter, profile=plan.profile),
-                     order=("sample_rank",), plan=plan, **RETRY_MERGE)
-    record_meter(stats, meter)
-    lake.create(INSTANTIATIONS)  # empty when no document had a match: later stages still read it
-    work.unpersist()
-    rows = lake.read(INSTANTIATIONS).join(matches.select("pair_key"), "pair_key", "left_semi")
-    count_outcomes(stats, rows)
-    stats.quarantined = quarantine_failures(ctx, STAGE, INSTANTIATIONS, "pair_key", matches)
-    stats.extra["retry"] = rows.where("status = 'retry'").count()
-    matches.unpersist()
-    lake.register(INSTANTIATIONS)
-    return stats.finish()
+    return run_model_stage(ctx, INSTANTIATE, Limits(max_documents=max_documents))
 
 
 def main(argv=None):

@@ -24,20 +24,16 @@ kept pairs as output, scored pairs under the minimum as ``judge_score<min``, err
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import pandas as pd
 
-from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, job_main, map_rows,
-                                  quarantine_failures, record_meter, require, unfinished)
-from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
+from finelake.jobs.common import job_main, read_for_keys, require
 from finelake.runtime import StageContext, StageStats
+from finelake.stage import ChunkSettings, Limits, ModelStage
 from finelake.tables import INSTANTIATIONS, JUDGMENTS
 
 STAGE = "judge"
-RESOURCES = MODEL_STAGE
-"""One GPU per task where the cluster has GPUs (the judge; see :mod:`finelake.resources`)."""
 log = logging.getLogger(__name__)
 
 
@@ -71,6 +67,63 @@ def judge_rows(pdf: pd.DataFrame, spec: dict, min_score: int, prompt_version: st
     return rows
 
 
+def _settings(cfg) -> ChunkSettings:
+    return ChunkSettings(model=cfg.models.judge, chunk_size=cfg.judge.chunk_rows,
+                         max_attempts=cfg.judge.max_attempts, kind="judge")
+
+
+def _scope(ctx: StageContext, limits: Limits):
+    """Every ``ok`` instantiation, keys only (``pair_key``, ``doc_id``, ``template_id``)."""
+    return (require(ctx, INSTANTIATIONS, "instantiate").where("status = 'ok'")
+            .select("pair_key", "doc_id", "template_id"))
+
+
+def _inputs(ctx: StageContext, keys, n_chunks: int, chunk):
+    """A chunk's pairs with their instruction and answer, read by key from ``instantiations``."""
+    text = read_for_keys(ctx, INSTANTIATIONS, keys, "pair_key", n_chunks, chunk,
+                         ["instruction", "answer"])
+    return keys.join(text, "pair_key")
+
+
+def _row_args(ctx: StageContext, spec: dict) -> dict:
+    jc = ctx.cfg.judge
+    return dict(spec=spec, min_score=jc.min_score, prompt_version=jc.prompt_version,
+                max_attempts=jc.max_attempts)
+
+
+def _summarize(ctx: StageContext, stats: StageStats, scope) -> None:
+    """Kept pairs as output, scored pairs under the minimum as ``judge_score<min``, errors as
+    ``error:judge_error``, rows left to retry as ``retry:judge_error``; ``scores`` = the score
+    distribution."""
+    from pyspark.sql import functions as F
+
+    min_score = ctx.cfg.judge.min_score
+    j = ctx.lake.read(JUDGMENTS).join(scope.select("pair_key"), "pair_key", "left_semi")
+    # Rows from before statuses: a score is ok, none an error.
+    outcome = F.coalesce("status", F.when(F.col("judge_score").isNull(), "error").otherwise("ok"))
+    for r in j.groupBy(outcome.alias("outcome"), "kept").count().collect():
+        if r["outcome"] == "ok" and r["kept"]:
+            stats.rows_out += r["count"]
+        elif r["outcome"] == "ok":
+            stats.drop(f"judge_score<{min_score}", r["count"])
+        else:
+            stats.drop(f"{r['outcome']}:judge_error", r["count"])
+    dist = {int(r["judge_score"]) if r["judge_score"] is not None else None: r["count"]
+            for r in j.groupBy("judge_score").count().collect()}
+    stats.extra["scores"] = "{" + ", ".join(
+        f"{k}:{v}" for k, v in sorted(dist.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))) + "}"
+
+
+JUDGE = ModelStage(
+    name=STAGE,
+    help="Score instantiated pairs 1-5 and keep those >= judge.min_score (instantiations -> judgments).",
+    table=JUDGMENTS, key="pair_key", chunk_key="pair_key",
+    reads=(INSTANTIATIONS,),
+    settings=_settings, scope=_scope, inputs=_inputs, rows=judge_rows, row_args=_row_args,
+    summarize=_summarize, options=())
+"""judge as a model stage (:mod:`finelake.stage`): one row per ``ok`` instantiation."""
+
+
 def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageStats:
     """Judge every ok instantiation without a final judgment yet (none, or ``retry``), in
     committed chunks of ``judge.chunk_rows`` pairs.
@@ -78,60 +131,14 @@ def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     Returns:
         Stats: rows_in = ok instantiations, rows_out = kept, dropped ``judge_score<min`` /
         ``error:judge_error`` / ``retry:judge_error``, quarantined = ``error`` rows,
-        ``extra["retry"]`` = rows left to retry, ``scores`` = the score distribution.
+        ``retry`` = rows left to retry, ``scores`` = the score distribution.
 
     Raises:
         FinelakeError: ``instantiations`` missing (run ``finelake instantiate``).
     """
-    from pyspark.sql import functions as F
+    from finelake.jobs.runner import run_model_stage
 
-    cfg, lake = ctx.cfg, ctx.lake
-    stats = StageStats(STAGE)
-    ok = (require(ctx, INSTANTIATIONS, "instantiate").where("status = 'ok'")
-          .select("pair_key", "doc_id", "template_id", "instruction", "answer")).cache()
-    stats.rows_in = ok.count()
-    pending = unfinished(lake, ok, JUDGMENTS, "pair_key").cache()
-    n_pending = pending.count()
-    stats.skipped = stats.rows_in - n_pending
-    if n_pending:
-        spec = cfg.models.judge.model_dump()
-        fn = functools.partial(judge_rows, spec=spec, min_score=cfg.judge.min_score,
-                               prompt_version=cfg.judge.prompt_version,
-                               max_attempts=cfg.judge.max_attempts)
-        # One GPU per task on GPU clusters, each task's rows in judge calls of batch_size.
-        plan = plan_stage(ctx.spark, RESOURCES)
-        meter = call_meter(ctx.spark)
-        size = chunk_size(cfg.judge.chunk_rows, spec["batch_size"], plan.tasks)
-        log.info("%s: %s; %d pairs per chunk", STAGE, plan.note, size)
-        # Chunks are drawn over every ok pair, not the pending ones (see commit_in_chunks).
-        commit_in_chunks(ctx, STAGE, JUDGMENTS, pending, "pair_key", stats.rows_in, size,
-                         lambda part: map_rows(part, fn, JUDGMENTS, min_rows=spec["batch_size"],
-                                               meter=meter, profile=plan.profile),
-                         plan=plan, **RETRY_MERGE)
-        record_meter(stats, meter)
-    pending.unpersist()
-    lake.create(JUDGMENTS)  # empty when nothing was instantiated: budget still reads it
-    lake.add_missing_columns(JUDGMENTS)
-    j = lake.read(JUDGMENTS).join(ok.select("pair_key"), "pair_key", "left_semi")
-    # Rows from before statuses: a score is ok, none an error.
-    outcome = F.coalesce("status", F.when(F.col("judge_score").isNull(), "error").otherwise("ok"))
-    for r in j.groupBy(outcome.alias("outcome"), "kept").count().collect():
-        if r["outcome"] == "ok" and r["kept"]:
-            stats.rows_out += r["count"]
-        elif r["outcome"] == "ok":
-            stats.drop(f"judge_score<{cfg.judge.min_score}", r["count"])
-        else:
-            stats.drop(f"{r['outcome']}:judge_error", r["count"])
-            if r["outcome"] == "retry":
-                stats.extra["retry"] = stats.extra.get("retry", 0) + r["count"]
-    stats.extra.setdefault("retry", 0)
-    stats.quarantined = quarantine_failures(ctx, STAGE, JUDGMENTS, "pair_key", ok)
-    dist = {int(r["judge_score"]) if r["judge_score"] is not None else None: r["count"]
-            for r in j.groupBy("judge_score").count().collect()}
-    stats.extra["scores"] = "{" + ", ".join(f"{k}:{v}" for k, v in sorted(dist.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))) + "}"
-    ok.unpersist()
-    lake.register(JUDGMENTS)
-    return stats.finish()
+    return run_model_stage(ctx, JUDGE, Limits())
 
 
 def main(argv=None):

@@ -1,10 +1,17 @@
-"""The whole pipeline: ingest -> genericize -> index -> match -> instantiate -> judge -> budget -> report.
+"""The pipeline, defined once: ingest -> genericize -> index -> match -> instantiate -> judge ->
+budget -> report (and ``continue``, run on its own).
+
+:data:`PIPELINE` is the one list of stages (:mod:`finelake.stage`) that the command line
+(``finelake <stage>``), ``finelake run``, the retry gates, the Databricks bundle's tasks
+(``resources/finelake_pipeline.yml``, checked against it by ``tests/test_deploy_bundle.py``) and
+``finelake emr-steps`` read. Adding a stage is one entry here plus its row function.
 
 Each stage reads and writes Delta tables through the table layer and skips finished work, so a
-rerun changes nothing and a killed run resumes. A run stops before the index while genericize left
-rows to retry, and before budget while instantiate or judge did (:func:`retry_gate`): rerunning
-retries them, and the eventual tables equal those of a run without faults. Stage statistics of the run are saved to
-``<lake>/_runs/<run_id>.json`` for ``finelake report``.
+rerun changes nothing and a killed run resumes. ``finelake run`` stops before a stage whose gate
+holds (``index`` while genericize left rows to retry, ``budget`` while instantiate or judge did:
+:mod:`finelake.jobs.gates`): rerunning retries them, and the eventual tables equal those of a run
+without faults. Stage statistics of the run are saved to ``<lake>/_runs/<run_id>.json`` for
+``finelake report``.
 
     spark-submit jobs/pipeline.py --conf conf/local.yaml          # = finelake run
 """
@@ -12,13 +19,35 @@ retries them, and the eventual tables equal those of a run without faults. Stage
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Optional, Union
 
 from finelake import storage
+from finelake.jobs.budget import BUDGET
 from finelake.jobs.common import job_main
+from finelake.jobs.continuation import CONTINUE
+from finelake.jobs.gates import GateHeld
+from finelake.jobs.genericize import GENERICIZE
+from finelake.jobs.index import INDEX
+from finelake.jobs.ingest import INGEST
+from finelake.jobs.instantiate import INSTANTIATE
+from finelake.jobs.judge import JUDGE
+from finelake.jobs.match import MATCH
+from finelake.jobs.report import REPORT
+from finelake.jobs.runner import run_stage
 from finelake.runtime import FinelakeError, StageContext, StageStats
+from finelake.stage import Limits, ModelStage, Stage
 
-STAGES = ("genericize", "index", "match", "instantiate", "judge", "budget")
+PIPELINE: tuple[Union[Stage, ModelStage], ...] = (
+    INGEST, GENERICIZE, INDEX, MATCH, INSTANTIATE, JUDGE, BUDGET, REPORT, CONTINUE)
+"""Every stage, in the order ``finelake run`` runs those with ``in_run`` (continue has not)."""
+
+STAGES: dict[str, Union[Stage, ModelStage]] = {s.name: s for s in PIPELINE}
+"""Stage name -> stage."""
+
+
+def run_order() -> tuple[Union[Stage, ModelStage], ...]:
+    """The stages of ``finelake run`` and of the scheduled pipeline, in order."""
+    return tuple(s for s in PIPELINE if s.in_run)
 
 
 def runs_dir(lake_root: str) -> str:
@@ -37,10 +66,10 @@ def save_run_stats(ctx: StageContext, stats: list[StageStats]) -> str:
 
 
 def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=None,
-                 max_documents=None, report: bool = True,
-                 fields: Optional[dict] = None) -> list[StageStats]:
-    """Run every stage in order on one Spark session, printing each stage's summary line as it
-    finishes; returns their statistics.
+                 max_documents=None, report: bool = True, fields: Optional[dict] = None,
+                 force: bool = False, canary: Optional[bool] = None) -> list[StageStats]:
+    """Run every stage of :func:`run_order` on one Spark session, printing each stage's summary
+    line as it finishes; returns their statistics.
 
     Args:
         queries, documents: inputs for ingest. With neither named, the shipped sample (the
@@ -51,76 +80,53 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
         report: also write the report (``finelake report``).
         fields: ``query_field`` / ``text_field`` / ``id_field`` / ``source_field`` for ingest
             (None values: the defaults, see :func:`finelake.jobs.ingest.run_ingest`).
+        force: start stages whose gates hold (``--force``).
+        canary: run the model stages' canaries (None: the profile's ``quality.canary``).
 
     Raises:
         FinelakeError: after ingest, when the queries or documents table has no row.
+        CanaryFailed: a model stage's canary failed a quality gate.
     """
-    from finelake.jobs.ingest import run_ingest, sample_path
+    from finelake.jobs.ingest import sample_path
 
     if queries is None and documents is None:
         queries, documents = sample_path("queries.jsonl"), sample_path("documents.jsonl")
+    limits = Limits(max_queries=max_queries, max_documents=max_documents, force=force,
+                    canary=canary)
     out: list[StageStats] = []
-    ing = run_ingest(ctx, queries=queries, documents=documents, **(fields or {}))
-    out.extend(ing if isinstance(ing, (list, tuple)) else [ing])
-    for s in out:
-        print(s.summary(), flush=True)
-    _require_ingested_rows(ctx, out)
-    if not run_stages(ctx, out, max_queries=max_queries, max_documents=max_documents):
-        save_run_stats(ctx, out)
+    if not run_stages(ctx, out, limits, inputs=dict(queries=queries, documents=documents,
+                                                    **(fields or {}))):
         return out
-    save_run_stats(ctx, out)
     if report:
-        from finelake.jobs.report import run_report
-
-        path = run_report(ctx)
-        print(f"report written to {path}", flush=True)
+        run_stage(ctx, REPORT, limits)
     return out
 
 
-GATES = {"index": ("genericize",), "budget": ("instantiate", "judge")}
-"""Stage -> the model stages whose retryable rows hold it back in ``finelake run``."""
-
-
-def retry_gate(stage: str, done: list[StageStats]) -> str:
-    """Why ``finelake run`` must not start ``stage`` yet ("" when it may).
-
-    A stage waits while a model stage it depends on left rows with status ``retry`` in this run
-    (:mod:`finelake.faults`): the index is built only from a settled ``genericizations`` table
-    (templates that arrive later would change what documents already matched were sampled from),
-    and budget walks only when no instantiation or judgment of the run is left to retry (a
-    document that became ready a run later would be walked after the others, so the ledger would
-    depend on when faults happened). Rows are retried at most ``max_attempts`` runs, so a few
-    reruns always get past the gate; a stage run on its own (``finelake budget``) is not gated:
-    budget then leaves the documents with retryable rows for later (:func:`unready_documents`).
-    """
-    by = {s.stage: s for s in done}
-    held = [f"{by[g].extra['retry']} {g} row(s) to retry" for g in GATES.get(stage, ())
-            if g in by and by[g].extra.get("retry")]
-    return ", ".join(held)
-
-
-def run_stages(ctx: StageContext, out: list[StageStats], max_queries=None,
-               max_documents=None) -> bool:
-    """The stages after ingest (:data:`STAGES`) in order, each summary printed and appended to
-    ``out``; stops before a stage :func:`retry_gate` holds back (printing ``[run] stopped before
-    <stage>: ...``).
+def run_stages(ctx: StageContext, out: list[StageStats], limits: Limits = Limits(),
+               inputs: Optional[dict] = None) -> bool:
+    """The stages of :func:`run_order` but the report, in order, each summary printed and appended
+    to ``out``; ingest only when ``inputs`` are given. Stops before a stage whose gate holds
+    (printing ``[run] stopped before <stage>: ...``). The run's statistics are saved
+    (:func:`save_run_stats`) when it stops and after budget.
 
     Returns:
         True when every stage ran, False when the run stopped at a gate.
     """
-    import importlib
-
-    for stage in STAGES:
-        held = retry_gate(stage, out)
-        if held:
-            print(f"[run] stopped before {stage}: {held}; rerun 'finelake run' to retry them "
-                  f"(each row at most <stage>.max_attempts runs, then it is quarantined)",
-                  flush=True)
+    for stage in run_order():
+        if stage is REPORT or (stage is INGEST and inputs is None):
+            continue
+        try:
+            stats = run_stage(ctx, stage, limits, **(inputs if stage is INGEST else {}))
+        except GateHeld as exc:
+            print(f"[run] stopped before {stage.name}: {exc}", flush=True)
+            save_run_stats(ctx, out)
             return False
-        mod = importlib.import_module(f"finelake.jobs.{stage}")
-        st = getattr(mod, f"run_{stage}")(ctx, max_queries=max_queries, max_documents=max_documents)
-        print(st.summary(), flush=True)
-        out.append(st)
+        for s in stats if isinstance(stats, (list, tuple)) else [stats]:
+            print(s.summary(), flush=True)
+            out.append(s)
+        if stage is INGEST:
+            _require_ingested_rows(ctx, out)
+    save_run_stats(ctx, out)  # the report reads this run's statistics
     return True
 
 

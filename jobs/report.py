@@ -17,7 +17,8 @@ from typing import Optional
 
 from finelake import storage
 from finelake.lake import Lake
-from finelake.runtime import StageContext
+from finelake.runtime import StageContext, StageStats
+from finelake.stage import Stage
 from finelake.tables import (BUDGET_LEDGER, DOCUMENTS, GENERICIZATIONS, INSTANTIATIONS, JUDGMENTS,
                              MATCH_LOG, MATCHES, PAIRS, QUARANTINE, QUERIES, TEMPLATES)
 
@@ -185,3 +186,19 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
         shutil.rmtree(out, ignore_errors=True)
         return storage.join(publish, "report.md")
     return path
+
+
+def _report_stage(ctx: StageContext, limits, out: Optional[str] = None) -> StageStats:
+    stats = StageStats("report")
+    path = run_report(ctx, out=out)
+    print(f"report written to {path}", flush=True)
+    stats.extra["path"] = path
+    return stats.finish()
+
+
+REPORT = Stage(
+    name="report",
+    help="Print and save the funnel, distributions, template diversity and stage speeds "
+         "(Markdown + PNG under <lake>/_reports/<run id>).",
+    reads=(), writes=(), run=_report_stage, options=("out",))
+"""report as a stage (:mod:`finelake.stage`): the last of ``finelake run``."""

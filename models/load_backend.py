@@ -22,6 +22,10 @@ one packaged profile that does).
   about ``c`` templates. Gaussian pooling (Appendix B) is imitated by shape only: K+1 vectors of
   the document's topic with independent noise.
 
+Wrong shapes (generator): ``rename_keys`` renames keys of every JSON reply's top-level object
+(``{"instruction": "question"}``), as a released model trained on other key names would answer;
+the canary (:mod:`finelake.method.canary`) must stop such a run after its first small chunk.
+
 Fault injection (generator): ``error_rate`` of the requests fail with a transient-looking error
 (HTTP 429 or a timeout, worded as the openai SDK words them); ``engine_error_rate`` of the
 ``generate`` calls raise :class:`LoadEngineDeadError` (named after vLLM's ``EngineDeadError``: the
@@ -147,6 +151,8 @@ class LoadGenerator(GenerationBackend):
         error_rate: share of requests failing with a transient error (0 = none).
         engine_error_rate: share of ``generate`` calls raising :class:`LoadEngineDeadError`.
         seed: seed of the fault-injection draws.
+        rename_keys: ``{key: new name}`` applied to the top-level object of every JSON reply (a
+            reply in another shape than finelake's prompts ask for); None: none.
 
     Raises:
         ValueError: a rate outside [0, 1].
@@ -154,7 +160,8 @@ class LoadGenerator(GenerationBackend):
 
     def __init__(self, model: str, *, batch_size: int = 64, null_rate: float = 0.05,
                  score_weights: Optional[list[float]] = None, error_rate: float = 0.0,
-                 engine_error_rate: float = 0.0, seed: int = 0):
+                 engine_error_rate: float = 0.0, seed: int = 0,
+                 rename_keys: Optional[dict[str, str]] = None):
         for name, v in (("null_rate", null_rate), ("error_rate", error_rate),
                         ("engine_error_rate", engine_error_rate)):
             if not 0.0 <= float(v) <= 1.0:
@@ -166,6 +173,7 @@ class LoadGenerator(GenerationBackend):
         self.error_rate = float(error_rate)
         self.engine_error_rate = float(engine_error_rate)
         self._rng = random.Random(seed)
+        self.rename_keys = dict(rename_keys or {})
         self.injected = {"request_errors": 0, "engine_errors": 0}
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -190,8 +198,11 @@ class LoadGenerator(GenerationBackend):
                 continue
             h = text_hash(prompt)
             if r.json_schema is not None:
-                text = json.dumps(schema_instance(r.json_schema, h, null_rate=self.null_rate,
-                                                  score_weights=self.score_weights))
+                reply = schema_instance(r.json_schema, h, null_rate=self.null_rate,
+                                        score_weights=self.score_weights)
+                if self.rename_keys and isinstance(reply, dict):
+                    reply = {self.rename_keys.get(k, k): v for k, v in reply.items()}
+                text = json.dumps(reply)
             else:
                 text = f"load backend reply {h % 100_000}"
             out.append(GenerationResult(text=text, prompt_tokens=len(prompt.split()),

@@ -25,10 +25,10 @@ from packaging.requirements import Requirement  # noqa: E402
 
 from finelake.cli import cli  # noqa: E402
 from finelake.config import load_config  # noqa: E402
-from finelake.jobs.pipeline import STAGES  # noqa: E402
+from finelake.jobs.pipeline import run_order  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_ORDER = ["ingest", *STAGES, "report"]  # as run_pipeline runs them
+PIPELINE_ORDER = [s.name for s in run_order()]  # the one pipeline definition
 MODEL_STAGES = {"genericize", "instantiate", "judge"}  # the minimum set of GPU stages
 _REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 

@@ -22,11 +22,11 @@ from botocore.validate import ParamValidator  # noqa: E402
 from finelake import deploy  # noqa: E402
 from finelake.cli import cli  # noqa: E402
 from finelake.config import ConfigError, load_config  # noqa: E402
-from finelake.jobs.pipeline import STAGES  # noqa: E402
+from finelake.jobs.pipeline import run_order  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOTSTRAP = ROOT / "deploy" / "emr" / "bootstrap.sh"
-PIPELINE_ORDER = ["ingest", *STAGES, "report"]  # as run_pipeline runs them
+PIPELINE_ORDER = [s.name for s in run_order()]  # the one pipeline definition
 
 
 @pytest.fixture

@@ -125,7 +125,7 @@ def test_retry_attempts_and_quarantine_in_genericize(spark, tmp_path):
     model_rows = sorted(q for q, r in g1.items() if r["reason"] != "no_candidate_span")
     assert len(model_rows) >= 4
     assert all(g1[q]["status"] == "retry" and g1[q]["attempts"] == 1 for q in model_rows)
-    assert s1.extra["retry"] == len(model_rows) and s1.quarantined == 0
+    assert s1.retry == len(model_rows) and s1.quarantined == 0
 
     # the first 4 (by id) are retried by a run without faults: overwritten, ok, attempts 2
     first4 = sorted(g1)[:4]
@@ -135,7 +135,7 @@ def test_retry_attempts_and_quarantine_in_genericize(spark, tmp_path):
         if q in model_rows:
             assert g2[q]["status"] in ("ok", "invalid") and g2[q]["attempts"] == 2, g2[q]
             assert g2[q]["raw_output"]
-    assert s2.extra["retry"] == 0
+    assert s2.retry == 0
 
     # the rest fail again on their last allowed attempt: errors, quarantined with the reason
     s3 = run_genericize(_ctx(spark, lake_dir, *common, "models.generator.options.error_rate=1.0"),
@@ -153,7 +153,7 @@ def test_retry_attempts_and_quarantine_in_genericize(spark, tmp_path):
     assert sorted(r["row_key"] for r in quarantined) == sorted(rest)
     assert all(r["source"] == "genericize" and r["attempts"] == 2 and
                r["reason"].startswith("gave up after 2") for r in quarantined)
-    assert s3.quarantined == len(rest) and s3.extra["retry"] == 0
+    assert s3.quarantined == len(rest) and s3.retry == 0
     assert s3.dropped.get("error:gave up after 2 attempts") == len(rest)
     # a rerun changes nothing
     v = ctx.lake.version(GENERICIZATIONS), ctx.lake.version(QUARANTINE)
@@ -196,7 +196,7 @@ def test_judge_commits_chunks_retries_and_counts_errors(spark, tmp_path, monkeyp
     retry = [k for k, r in j.items() if r["status"] == "retry"]
     assert len(retry) == len(pairs) - len(first)
     assert all(j[k]["attempts"] == 1 and not j[k]["kept"] for k in retry)
-    assert s.extra["retry"] == len(retry) == s.dropped["retry:judge_error"]
+    assert s.retry == len(retry) == s.dropped["retry:judge_error"]
     assert sum(v for k, v in s.dropped.items() if k.startswith("judge_score")) + s.rows_out == len(first)
 
     # the next run scores them; nothing else is rewritten
@@ -204,7 +204,7 @@ def test_judge_commits_chunks_retries_and_counts_errors(spark, tmp_path, monkeyp
     j2 = _rows(ctx.lake, JUDGMENTS)
     assert all(j2[k]["status"] == "ok" and j2[k]["attempts"] == 2 for k in retry)
     assert all(j2[k] == first[k] for k in first)
-    assert s.extra["retry"] == 0 and s.rows_in == len(pairs)
+    assert s.retry == 0 and s.rows_in == len(pairs)
 
 
 def test_budget_waits_for_retryable_rows(spark, tmp_path):
@@ -244,16 +244,26 @@ def test_budget_waits_for_retryable_rows(spark, tmp_path):
     assert {a, b} <= ledgered
 
 
-def test_run_stops_before_a_stage_whose_inputs_are_retryable():
-    from finelake.jobs.pipeline import retry_gate
-    from finelake.runtime import StageStats
+def test_gates_hold_a_stage_while_upstream_rows_are_left_to_retry(spark, tmp_path):
+    from finelake.jobs.budget import BUDGET
+    from finelake.jobs.gates import GateHeld, check_gates, held
+    from finelake.jobs.index import INDEX
+    from finelake.jobs.match import MATCH
+    from finelake.tables import GENERICIZATIONS, JUDGMENTS
 
-    g = StageStats("genericize")
-    g.extra["retry"] = 3
-    assert "3 genericize row(s) to retry" in retry_gate("index", [g])
-    assert retry_gate("match", [g]) == ""
-    i, j = StageStats("instantiate"), StageStats("judge")
-    i.extra["retry"], j.extra["retry"] = 0, 2
-    assert retry_gate("budget", [g, i, j]) == "2 judge row(s) to retry"
-    j.extra["retry"] = 0
-    assert retry_gate("budget", [g, i, j]) == ""
+    ctx = _ctx(spark, str(tmp_path / "lake"))
+    assert held(ctx, INDEX) == "" and held(ctx, BUDGET) == ""  # no table yet: nothing to wait for
+    rows = [{"query_id": f"q{i}", "status": "retry" if i < 3 else "ok", "attempts": 1}
+            for i in range(5)]
+    ctx.lake.merge(GENERICIZATIONS, pa.Table.from_pylist(rows), "t")
+    assert held(ctx, INDEX) == "3 genericize row(s) to retry"
+    with pytest.raises(GateHeld, match="index waits: 3 genericize row.*'finelake genericize'.*--force"):
+        check_gates(ctx, INDEX)
+    check_gates(ctx, INDEX, force=True)  # --force starts it anyway
+    check_gates(ctx, MATCH)  # match has no gate
+    ctx.lake.merge(JUDGMENTS, pa.Table.from_pylist(
+        [{"pair_key": "p1", "status": "retry", "attempts": 1}]), "t")
+    assert held(ctx, BUDGET) == "1 judge row(s) to retry"
+    ctx.lake.merge(GENERICIZATIONS, pa.Table.from_pylist(
+        [{**r, "status": "ok", "attempts": 2} for r in rows[:3]]), "t", update=True)
+    assert held(ctx, INDEX) == ""

@@ -14,13 +14,12 @@ sample, with small model batches and chunks so every model stage commits several
      evicted and reloaded); the injection seed changes per run, as a real fault would not repeat;
    * at most one kill from the plan, a real SIGKILL: ``FINELAKE_KILL_AT=<stage>:<n>`` makes the
      driver kill itself at :func:`finelake.jobs.common.fail_point` (after the n-th committed chunk
-     of genericize / instantiate / judge, between match's ``matches`` and ``match_log`` writes,
-     between budget's ledger and ``pairs`` writes), or a seeded delay after a stage's summary line
+     of genericize / match / instantiate / judge, between budget's ledger and ``pairs`` writes), or a seeded delay after a stage's summary line
      kills the whole process group (driver, JVM, Python workers) in the stage that follows
      (index, match, instantiate, judge, budget);
 
    until the plan is spent and a run completes (``finelake run`` stops before index / budget while
-   rows are left to retry, :func:`finelake.jobs.pipeline.retry_gate`).
+   rows are left to retry, :mod:`finelake.jobs.gates`).
 3. **Checks**: ``pairs`` and ``budget_ledger`` equal the reference's exactly (all columns but
    ``run_id``); genericizations, templates, matches, match_log, instantiations and judgments equal
    it too (less lineage: ``run_id``, ``attempts``, ``index_version``; floats to 1e-9); no row
@@ -82,6 +81,9 @@ def _settings(args, database: str) -> list[str]:
          f"genericize.chunk_rows={args.chunk_rows}",
          f"instantiate.chunk_documents={max(1, args.documents // (2 if args.short else 4))}",
          f"judge.chunk_rows={args.chunk_rows}",
+         # match in two or more chunks as well (the embedder's batch raises the chunk size)
+         "models.embedder.batch_size=2",
+         f"match.chunk_documents={max(1, args.documents // (2 if args.short else 4))}",
          # about 4 templates per topic, so each document clears the threshold against a few
          f"models.embedder.options.topics={max(2, args.queries // 5)}"]
     for stage in ("genericize", "instantiate", "judge"):
@@ -178,14 +180,13 @@ def child(lake: str, settings: list[str], queries: int, documents: int) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     from finelake.config import load_config
-    from finelake.jobs.pipeline import run_stages, save_run_stats
+    from finelake.jobs.pipeline import run_stages
     from finelake.runtime import StageContext
+    from finelake.stage import Limits
 
     ctx = StageContext(load_config("load-test", settings, lake=lake))
     ctx.spark.sparkContext.setLogLevel("ERROR")
-    out = []
-    run_stages(ctx, out, max_queries=queries, max_documents=documents)
-    save_run_stats(ctx, out)
+    run_stages(ctx, [], Limits(max_queries=queries, max_documents=documents))
     return 0
 
 

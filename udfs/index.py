@@ -29,6 +29,26 @@ def load_index(path: str, embedding_model: str):
                        exclusive=False)  # data beside the model, not a second model
 
 
+def load_slots(path: str) -> dict[str, int]:
+    """Template id -> number of slots for the index saved at ``path`` (its ``ids.json`` and
+    ``slots.json``, written by ``finelake index``), cached per worker.
+
+    Raises:
+        FileNotFoundError: the index has no ``slots.json`` (``finelake match`` writes it first).
+    """
+    def _load():
+        import json
+        import os
+
+        with open(os.path.join(path, "ids.json"), encoding="utf-8") as f:
+            ids = json.load(f)
+        with open(os.path.join(path, "slots.json"), encoding="utf-8") as f:
+            slots = json.load(f)
+        return {t: int(k) for t, k in zip(ids, slots) if k is not None}
+
+    return get_or_load("template_slots", {"path": path}, _load, exclusive=False)
+
+
 @dataclass
 class BatchResult:
     """Candidates of a batch of documents.
