@@ -32,6 +32,7 @@ import pandas as pd
 from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, count_outcomes,
                                   job_main, limit_ordered, map_rows, model_label, model_spec,
                                   quarantine_failures, record_meter, require, unfinished)
+from finelake.jobs.signals import reply_signals
 from finelake.method import prompts, templates
 from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
 from finelake.runtime import StageContext, StageStats
@@ -44,23 +45,27 @@ log = logging.getLogger(__name__)
 
 
 def genericize_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_slots: int,
-                    prompt_version: str, max_attempts: int = 3) -> list[dict]:
+                    prompt_version: str, max_attempts: int = 3,
+                    constrained: bool = True) -> list[dict]:
     """Executor side: a batch of queries (query_id, query, optional prior_attempts) in,
     ``genericizations`` rows out, each with ``attempts`` = prior_attempts + 1.
 
     The model is reached through :func:`finelake.udfs.generation.generate_frame` (loaded once per
     Python worker). A failed generation affects that row only: status ``retry`` when the error is
-    transient and attempts are left, else ``error`` (:func:`finelake.faults.settle`).
+    transient and attempts are left, else ``error`` (:func:`finelake.faults.settle`). With
+    ``constrained`` False no JSON schema is sent and replies are read leniently
+    (:func:`finelake.method.prompts.parse_genericize`); every row with a reply gets its ``flags``.
     """
     from finelake.faults import settle
     from finelake.udfs.generation import generate_frame
 
     label = model_label(spec)
-    reqs = [prompts.genericize_request(q, mode, max_slots) for q in pdf["query"]]
+    reqs = [prompts.genericize_request(q, mode, max_slots, constrained) for q in pdf["query"]]
     todo = [i for i, r in enumerate(reqs) if r is not None]
     gen = generate_frame(spec, pd.DataFrame({
         "messages": [json.dumps(reqs[i].messages, ensure_ascii=False) for i in todo],
-        "json_schema": [json.dumps(reqs[i].json_schema) for i in todo],
+        "json_schema": [json.dumps(reqs[i].json_schema) if reqs[i].json_schema else None
+                        for i in todo],
         "max_tokens": [spec.get("max_tokens")] * len(todo),
     })) if todo else None
     out = {i: None for i in range(len(pdf))}
@@ -85,7 +90,8 @@ def genericize_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_slots: int,
         text = g["text"] if isinstance(g["text"], str) else None
         res = prompts.parse_genericize(q, reqs[i], text, mode)
         row = {**base, "raw_output": text, "template": res.template,
-               "compatible_document_description": res.compatible_document_description}
+               "compatible_document_description": res.compatible_document_description,
+               "flags": res.flags}
         if res.ok:
             row.update(status="ok", template_id=templates.template_id(res.template),
                        num_slots=templates.num_slots(res.template))
@@ -122,7 +128,8 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
     stats.skipped = stats.rows_in - n_pending
     spec = model_spec(gcfg.model or cfg.models.generator)
     fn = functools.partial(genericize_rows, spec=spec, mode=gcfg.mode, max_slots=gcfg.max_slots,
-                           prompt_version=gcfg.prompt_version, max_attempts=gcfg.max_attempts)
+                           prompt_version=gcfg.prompt_version, max_attempts=gcfg.max_attempts,
+                           constrained=gcfg.constrained)
     # One GPU per task on GPU clusters; chunks big enough for a whole batch per GPU task.
     plan = plan_stage(ctx.spark, RESOURCES)
     meter = call_meter(ctx.spark)
@@ -143,6 +150,7 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
     count_outcomes(stats, gen)
     stats.quarantined = quarantine_failures(ctx, STAGE, GENERICIZATIONS, "query_id", queries)
     stats.extra["retry"] = gen.where("status = 'retry'").count()
+    stats.extra.update(reply_signals(gen).summary())
     ok = lake.read(GENERICIZATIONS).where("status = 'ok'")
     merged = (ok.groupBy("template_id").agg(
         F.first("template").alias("template"),

@@ -37,6 +37,7 @@ from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, cou
                                   job_main, map_rows, model_label, model_spec,
                                   quarantine_failures, record_meter, require, stable_hash,
                                   unfinished)
+from finelake.jobs.signals import reply_signals
 from finelake.method import prompts
 from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
 from finelake.runtime import StageContext, StageStats
@@ -61,7 +62,8 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
     """Executor side: (doc_id, template_id, text, template, optional prior_attempts) rows, grouped
     by document, in; ``instantiations`` rows out, each with ``attempts`` = prior_attempts + 1. The
     model is reached through the UDF layer (once per worker). A failed generation is ``retry``
-    when transient with attempts left, else ``error`` (:func:`finelake.faults.settle`).
+    when transient with attempts left, else ``error`` (:func:`finelake.faults.settle`). Every row
+    with a reply gets the reply's ``flags`` (:func:`finelake.method.prompts.parse_instantiate`).
 
     With ``max_document_tokens`` each document is cut to that many ``tokenizer`` tokens (on a
     token boundary, and never past ``max_document_chars``) before its prompt is built."""
@@ -102,7 +104,7 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
                                       max_answer_sentences, grounding_min_run_chars)
         rows.append({**base, "status": o.status, "instruction": o.instruction, "answer": o.answer,
                      "excerpt_ratio": o.excerpt_ratio, "reason": o.reason,
-                     "raw_output": text})
+                     "raw_output": text, "flags": o.flags})
     return rows
 
 
@@ -162,6 +164,7 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
     count_outcomes(stats, rows)
     stats.quarantined = quarantine_failures(ctx, STAGE, INSTANTIATIONS, "pair_key", matches)
     stats.extra["retry"] = rows.where("status = 'retry'").count()
+    stats.extra.update(reply_signals(rows).summary())
     matches.unpersist()
     lake.register(INSTANTIATIONS)
     return stats.finish()
