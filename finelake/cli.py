@@ -189,10 +189,12 @@ def report(ctx, out):
 @click.option("--sample", "n", type=int, default=200, help="Documents to score.")
 @_common
 def calibrate(ctx, n):
-    """Print the distribution of document-template cosine scores to choose a match threshold."""
-    from finelake.jobs.match import calibrate as run_calibrate
+    """Measure retrieval on the lake's documents: candidates per document and recall at the
+    threshold for K=5 against K=10 and for the index's nprobe, and the cosine distribution to
+    choose a match threshold."""
+    from finelake.jobs.calibrate import run_calibrate
 
-    click.echo(run_calibrate(ctx, n))
+    click.echo(run_calibrate(ctx, n).text())
 
 
 @cli.command()

@@ -16,7 +16,8 @@ with ``matches`` rows but no ``match_log`` row (a run killed in between) is not 
 the rerun, which writes only its ``match_log`` row.
 
     spark-submit jobs/match.py --conf conf/local.yaml [--max-documents N]
-    finelake calibrate        # cosine distribution, to choose a threshold for another model
+
+``finelake calibrate`` (:mod:`finelake.jobs.calibrate`) measures retrieval on a lake's documents.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import functools
 from typing import Iterator, Optional
 
-import numpy as np
 import pandas as pd
 
 from finelake.jobs.common import job_main, limit_ordered, require, spread
@@ -236,42 +236,6 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     lake.register(MATCHES)
     lake.register(MATCH_LOG)
     return stats.finish()
-
-
-def calibrate(ctx: StageContext, n: int = 200) -> str:
-    """Score distribution of each document's best template (over its K+1 embeddings) on ``n``
-    documents, to choose ``match.thresholds[<embedding model>]`` for a model other than the paper's.
-
-    Returns:
-        A printable table of quantiles and of the share of documents with at least one candidate
-        at several thresholds.
-    """
-    cfg = ctx.cfg
-    idx = current_index(cfg, ctx.spark)
-    docs = limit_ordered(require(ctx, DOCUMENTS, "ingest").select("doc_id", "text"), "doc_id", n)
-    index_path, distributed = distribute(ctx.spark, idx["path"])
-    fn = functools.partial(candidates_partition, embedder=cfg.models.embedder.model_dump(),
-                           index_path=index_path, distributed=distributed,
-                           chunks=cfg.match.chunks, sigma=cfg.match.sigma,
-                           alpha=cfg.match.alpha, top_k=cfg.match.top_k, threshold=None)
-    schema = candidate_schema()
-    par = ctx.spark.sparkContext.defaultParallelism
-    pdf = spread(docs, "doc_id", par).mapInPandas(fn, schema).toPandas()
-    best = pdf.groupby("doc_id")["score"].max().to_numpy()
-    all_scores = pdf["score"].to_numpy()
-    qs = [0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
-    lines = [f"embedding model: {cfg.models.embedder.model}   documents: {len(best)}   "
-             f"current threshold: {threshold_for(cfg)}",
-             "quantile   best-per-doc   all top-k scores"]
-    for q in qs:
-        lines.append(f"  {q:>5.2f}   {np.quantile(best, q):>12.3f}   {np.quantile(all_scores, q):>16.3f}")
-    lines.append("threshold  docs with >=1 candidate  mean candidates/doc")
-    per_doc = pdf.groupby("doc_id")["score"]
-    for t in np.round(np.quantile(all_scores, [0.5, 0.75, 0.9, 0.95, 0.99]), 3):
-        share = float((best >= t).mean())
-        mean_c = float(per_doc.apply(lambda s: (s >= t).sum()).mean())
-        lines.append(f"  {t:>7.3f}  {share:>22.2%}  {mean_c:>19.2f}")
-    return "\n".join(lines)
 
 
 def main(argv=None):
