@@ -2,7 +2,10 @@
 
 Each query is turned into an instruction template with ``<fi>description</fi>`` slots and a
 compatible document description by the configured generator, under constrained JSON decoding
-(see :mod:`finelake.method.prompts` for the ``direct`` and ``decomposed`` modes). Every query gets a
+unless ``genericize.constrained`` is false (then the first JSON object of the reply is read; see
+:mod:`finelake.method.prompts` for the ``direct`` and ``decomposed`` modes). Each row records its
+reply's ``flags`` (:mod:`finelake.method.replies`); the summary shows ``parse_rate=`` and
+``flags=``. Every query gets a
 row in ``genericizations``: status ``ok`` with its template, or ``invalid`` / ``no_candidate_span`` /
 ``error`` with the reason, or ``retry`` (see Faults below), and ``attempts``, the runs that tried
 it. Valid templates are merged by content id into ``templates``, keeping the

@@ -15,11 +15,15 @@ to ``instantiate.max_attempts`` runs, then it is ``error`` ("gave up after N att
 the summary counts them (``quarantined=``) and the rows left to retry (``retry=``). A document
 with a ``retry`` row is not ready for budget.
 
-Requests are grouped by document and the document comes first in the prompt, so requests for
-the same document share their prefix (vLLM prefix caching; llama.cpp KV-cache reuse). Work is
-committed ``instantiate.chunk_documents`` documents at a time; a rerun skips finished pairs (any
-status but ``retry``), so a
-killed run resumes and ends with the same rows as an uninterrupted one (greedy decoding).
+Requests are grouped by document. In direct mode the prompt is the released contract,
+``{"instruction_template": …, "document": …}``, the template first, so a document's requests
+share no prefix beyond the chat template's; decomposed mode puts the numbered document in the
+system message, so there they share it (vLLM prefix caching; llama.cpp KV-cache reuse;
+``benchmarks/bench_prefix_cache.py`` measures the hit rate). Each row records its reply's
+``flags`` (:mod:`finelake.method.replies`); the summary shows ``parse_rate=`` and ``flags=``.
+Work is committed ``instantiate.chunk_documents`` documents at a time; a rerun skips finished
+pairs (any status but ``retry``), so a killed run resumes and ends with the same rows as an
+uninterrupted one (greedy decoding).
 
     spark-submit jobs/instantiate.py --conf conf/local.yaml
 """
