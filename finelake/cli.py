@@ -197,10 +197,12 @@ def run(ctx, queries, documents, query_field, text_field, id_field, source_field
 @click.option("--sample", "n", type=int, default=200, help="Documents to score.")
 @_common
 def calibrate(ctx, n):
-    """Print the distribution of document-template cosine scores to choose a match threshold."""
-    from finelake.jobs.match import calibrate as run_calibrate
+    """Measure retrieval on the lake's documents: candidates per document and recall at the
+    threshold for K=5 against K=10 and for the index's nprobe, and the cosine distribution to
+    choose a match threshold."""
+    from finelake.jobs.calibrate import run_calibrate
 
-    click.echo(run_calibrate(ctx, n))
+    click.echo(run_calibrate(ctx, n).text())
 
 
 @cli.command()
@@ -344,14 +346,18 @@ def delta_jars(force, check, as_list):
               help="Override a config value (repeatable).")
 @click.option("--lake", default=None, help="Lake root folder/URI (overrides the profile's lake).")
 @click.option("--print", "print_yaml", is_flag=True, help="Print the resolved profile as YAML.")
-def validate(profile, overrides, lake, print_yaml):
+@click.option("--models", "models", is_flag=True,
+              help="Also read every model's small files (config, tokenizer, pooling; no weights; "
+                   "hub models at their pinned revision) and check them against their stages.")
+def validate(profile, overrides, lake, print_yaml, models):
     """Check a profile without loading any model: keys and types, every model's backend and
-    options, the Spark/GPU settings (against the running session when there is one). Exit 1
-    naming the bad key."""
+    options, the Spark/GPU settings (against the running session when there is one); with
+    --models each model's chat template, pooling and positions. Exit 1 naming the bad key."""
     from finelake.validate import resolved_yaml, run_validate
 
     try:
-        cfg, lines, problems = run_validate(profile, list(overrides), lake=lake)
+        cfg, lines, problems = run_validate(profile, list(overrides), lake=lake,
+                                            model_files=models)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if print_yaml:

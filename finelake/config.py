@@ -104,6 +104,12 @@ class GenericizeConfig(_Strict):
         "describes them under constrained decoding, and code assembles the template.")
     prompt_version: str = "genericize-v1"
     max_slots: int = Field(4, ge=1)
+    constrained: bool = Field(
+        True, description="Send the reply's JSON schema as a decoding constraint. false: the "
+        "model answers freely and the first JSON object of its reply is read (extra keys "
+        "tolerated; template and compatible_document_description required in direct mode). "
+        "Each row's flags say which (constrained, lenient_parse, unknown_keys:...); the stage "
+        "summary shows parse_rate.")
 
 
 class IndexConfig(_Strict):

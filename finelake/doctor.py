@@ -97,13 +97,13 @@ def check_llama_cpp() -> Check:
 
 
 def _model_configs(cfg) -> dict[str, dict]:
-    """role -> model config dict for every model the profile names."""
-    out = {"generator": cfg.models.generator.model_dump(),
-           "embedder": cfg.models.embedder.model_dump(),
-           "judge": cfg.models.judge.model_dump()}
-    gm = getattr(cfg.genericize, "model", None)
-    if gm is not None:
-        out["genericize"] = gm.model_dump()
+    """role -> model config dict for every model the profile names
+    (:func:`finelake.validate.model_configs`: ``models.generator`` is role ``generator``,
+    ``genericize.model`` role ``genericize``, ...), and the ``tokenizer``."""
+    from finelake.validate import model_configs
+
+    out = {key.removeprefix("models.").removesuffix(".model"): mc.model_dump()
+           for key, mc, _ in model_configs(cfg)}
     out["tokenizer"] = {"backend": "tokenizer", "model": cfg.tokenizer.model}
     return out
 

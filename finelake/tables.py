@@ -91,11 +91,12 @@ GENERICIZATIONS = TableDef(
     _schema(("query_id", S), ("status", S), ("template_id", S), ("template", S),
             ("compatible_document_description", S), ("num_slots", I32), ("reason", S),
             ("raw_output", S), ("model_id", S), ("prompt_version", S), ("attempts", I32),
-            *LINEAGE),
+            ("flags", pa.list_(S)), *LINEAGE),
     key=("query_id",),
     description="One row per query: the template it gave (status 'ok') or why it gave none "
                 "('retry': a transient failure the next run tries again; attempts: runs that "
-                "tried it).",
+                "tried it). flags: signals of the model's reply (constrained, lenient_parse, "
+                "unknown_keys:<keys>; finelake.method.replies); null without a reply.",
 )
 
 TEMPLATES = TableDef(
@@ -142,11 +143,13 @@ INSTANTIATIONS = TableDef(
     "instantiations",
     _schema(("pair_key", S), ("doc_id", S), ("template_id", S), ("status", S), ("instruction", S),
             ("answer", S), ("excerpt_ratio", F64), ("reason", S), ("raw_output", S),
-            ("model_id", S), ("prompt_version", S), ("attempts", I32), *LINEAGE),
+            ("model_id", S), ("prompt_version", S), ("attempts", I32), ("flags", pa.list_(S)),
+            *LINEAGE),
     key=("pair_key",),
     description="One row per match: status ok, null (incompatible), excerpt_rejected, invalid, "
                 "error, or retry (a transient failure the next run tries again); attempts: runs "
-                "that tried it.",
+                "that tried it; flags: signals of the model's reply (constrained, lenient_parse, "
+                "unknown_keys:<keys>; finelake.method.replies), null without a reply.",
 )
 
 JUDGMENTS = TableDef(

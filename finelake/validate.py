@@ -1,5 +1,6 @@
 """Driver-side checks of a profile: every model's backend settings, and the Spark settings against
-the running session (``finelake validate``).
+the running session (``finelake validate``); with ``--models`` also every model's small files
+(:mod:`finelake.model_contracts`).
 
 :func:`check_backends` runs inside :func:`finelake.config.load_config`, so every job checks its
 models' options on the driver before any executor builds a model: an unknown or misspelled option
@@ -233,7 +234,7 @@ def resolved_yaml(cfg: "FinelakeConfig") -> str:
 
 
 def run_validate(profile: str, overrides: Optional[list[str]] = None, lake: Optional[str] = None,
-                 spark=None) -> tuple["FinelakeConfig", list[str], list[str]]:
+                 spark=None, model_files: bool = False) -> tuple["FinelakeConfig", list[str], list[str]]:
     """Everything ``finelake validate`` checks, on this (driver) process, loading no model.
 
     Args:
@@ -241,6 +242,10 @@ def run_validate(profile: str, overrides: Optional[list[str]] = None, lake: Opti
         overrides: ``key=value`` overrides.
         lake: lake root override.
         spark: a running session to check against; default the active one, if any.
+        model_files: also read every model's small files (config, tokenizer and pooling configs; no
+            weights) and check them against their stages (:mod:`finelake.model_contracts`);
+            hub models are fetched at their pinned revision. Warnings (unpinned hub models)
+            become ``warning:`` lines, not problems.
 
     Returns:
         ``(cfg, report lines, problems)``: problems are empty when the profile is valid.
@@ -273,6 +278,12 @@ def run_validate(profile: str, overrides: Optional[list[str]] = None, lake: Opti
                             f"({', '.join(hub)})" if hub else "none needed (HF_HUB_OFFLINE=1 is set "
                             "by the CLI)"))
     problems = spark_conf_problems(cfg)
+    if model_files:
+        from finelake.model_contracts import check_model_files
+
+        found, model_problems, warnings = check_model_files(cfg)
+        lines += found + [f"warning: {w}" for w in warnings]
+        problems += model_problems
     spark = spark if spark is not None else active_session()
     if spark is None:
         lines.append("spark: no running session in this process; the profile's static settings "

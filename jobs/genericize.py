@@ -2,7 +2,10 @@
 
 Each query is turned into an instruction template with ``<fi>description</fi>`` slots and a
 compatible document description by the configured generator, under constrained JSON decoding
-(see :mod:`finelake.method.prompts` for the ``direct`` and ``decomposed`` modes). Every query gets a
+unless ``genericize.constrained`` is false (then the first JSON object of the reply is read; see
+:mod:`finelake.method.prompts` for the ``direct`` and ``decomposed`` modes). Each row records its
+reply's ``flags`` (:mod:`finelake.method.replies`); the summary shows ``parse_rate=`` and
+``flags=``. Every query gets a
 row in ``genericizations``: status ``ok`` with its template, or ``invalid`` / ``no_candidate_span`` /
 ``error`` with the reason, or ``retry`` (see Faults below), and ``attempts``, the runs that tried
 it. Valid templates are merged by content id into ``templates``, keeping the
@@ -30,6 +33,7 @@ import pandas as pd
 
 from finelake.jobs.common import (count_outcomes, job_main, limit_ordered, model_label,
                                   read_for_keys, require)
+from finelake.jobs.signals import reply_signals
 from finelake.method import prompts, templates
 from finelake.runtime import StageContext, StageStats
 from finelake.stage import ChunkSettings, Limits, ModelStage
@@ -40,23 +44,27 @@ log = logging.getLogger(__name__)
 
 
 def genericize_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_slots: int,
-                    prompt_version: str, max_attempts: int = 3) -> list[dict]:
+                    prompt_version: str, max_attempts: int = 3,
+                    constrained: bool = True) -> list[dict]:
     """Executor side: a batch of queries (query_id, query, optional prior_attempts) in,
     ``genericizations`` rows out, each with ``attempts`` = prior_attempts + 1.
 
     The model is reached through :func:`finelake.udfs.generation.generate_frame` (loaded once per
     Python worker). A failed generation affects that row only: status ``retry`` when the error is
-    transient and attempts are left, else ``error`` (:func:`finelake.faults.settle`).
+    transient and attempts are left, else ``error`` (:func:`finelake.faults.settle`). With
+    ``constrained`` False no JSON schema is sent and replies are read leniently
+    (:func:`finelake.method.prompts.parse_genericize`); every row with a reply gets its ``flags``.
     """
     from finelake.faults import settle
     from finelake.udfs.generation import generate_frame
 
     label = model_label(spec)
-    reqs = [prompts.genericize_request(q, mode, max_slots) for q in pdf["query"]]
+    reqs = [prompts.genericize_request(q, mode, max_slots, constrained) for q in pdf["query"]]
     todo = [i for i, r in enumerate(reqs) if r is not None]
     gen = generate_frame(spec, pd.DataFrame({
         "messages": [json.dumps(reqs[i].messages, ensure_ascii=False) for i in todo],
-        "json_schema": [json.dumps(reqs[i].json_schema) for i in todo],
+        "json_schema": [json.dumps(reqs[i].json_schema) if reqs[i].json_schema else None
+                        for i in todo],
         "max_tokens": [spec.get("max_tokens")] * len(todo),
     })) if todo else None
     out = {i: None for i in range(len(pdf))}
@@ -81,7 +89,8 @@ def genericize_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_slots: int,
         text = g["text"] if isinstance(g["text"], str) else None
         res = prompts.parse_genericize(q, reqs[i], text, mode)
         row = {**base, "raw_output": text, "template": res.template,
-               "compatible_document_description": res.compatible_document_description}
+               "compatible_document_description": res.compatible_document_description,
+               "flags": res.flags}
         if res.ok:
             row.update(status="ok", template_id=templates.template_id(res.template),
                        num_slots=templates.num_slots(res.template))
@@ -112,7 +121,7 @@ def _inputs(ctx: StageContext, keys, n_chunks: int, chunk):
 def _row_args(ctx: StageContext, spec: dict) -> dict:
     g = ctx.cfg.genericize
     return dict(spec=spec, mode=g.mode, max_slots=g.max_slots, prompt_version=g.prompt_version,
-                max_attempts=g.max_attempts)
+                max_attempts=g.max_attempts, constrained=g.constrained)
 
 
 def _summarize(ctx: StageContext, stats: StageStats, scope) -> None:
@@ -121,7 +130,9 @@ def _summarize(ctx: StageContext, stats: StageStats, scope) -> None:
     from pyspark.sql import functions as F
 
     lake = ctx.lake
-    count_outcomes(stats, lake.read(GENERICIZATIONS).join(scope, "query_id", "left_semi"))
+    rows = lake.read(GENERICIZATIONS).join(scope, "query_id", "left_semi")
+    count_outcomes(stats, rows)
+    stats.extra.update(reply_signals(rows).summary())
     ok = lake.read(GENERICIZATIONS).where("status = 'ok'")
     merged = (ok.groupBy("template_id").agg(
         F.first("template").alias("template"),

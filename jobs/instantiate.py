@@ -15,11 +15,15 @@ to ``instantiate.max_attempts`` runs, then it is ``error`` ("gave up after N att
 the summary counts them (``quarantined=``) and the rows left to retry (``retry=``). A document
 with a ``retry`` row is not ready for budget.
 
-Requests are grouped by document and the document comes first in the prompt, so requests for
-the same document share their prefix (vLLM prefix caching; llama.cpp KV-cache reuse). Work is
-committed ``instantiate.chunk_documents`` documents at a time; a rerun skips finished pairs (any
-status but ``retry``), so a
-killed run resumes and ends with the same rows as an uninterrupted one (greedy decoding).
+Requests are grouped by document. In direct mode the prompt is the released contract,
+``{"instruction_template": …, "document": …}``, the template first, so a document's requests
+share no prefix beyond the chat template's; decomposed mode puts the numbered document in the
+system message, so there they share it (vLLM prefix caching; llama.cpp KV-cache reuse;
+``benchmarks/bench_prefix_cache.py`` measures the hit rate). Each row records its reply's
+``flags`` (:mod:`finelake.method.replies`); the summary shows ``parse_rate=`` and ``flags=``.
+Work is committed ``instantiate.chunk_documents`` documents at a time; a rerun skips finished
+pairs (any status but ``retry``), so a killed run resumes and ends with the same rows as an
+uninterrupted one (greedy decoding).
 
     spark-submit jobs/instantiate.py --conf conf/local.yaml
 """
@@ -32,8 +36,9 @@ from typing import Optional
 
 import pandas as pd
 
-from finelake.jobs.common import (job_main, limit_ordered, model_label, read_for_keys, require,
-                                  stable_hash)
+from finelake.jobs.common import (count_outcomes, job_main, limit_ordered, model_label,
+                                  read_for_keys, require, stable_hash)
+from finelake.jobs.signals import reply_signals
 from finelake.method import prompts
 from finelake.runtime import StageContext, StageStats
 from finelake.stage import ChunkSettings, Limits, ModelStage
@@ -56,7 +61,8 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
     """Executor side: (doc_id, template_id, text, template, optional prior_attempts) rows, grouped
     by document, in; ``instantiations`` rows out, each with ``attempts`` = prior_attempts + 1. The
     model is reached through the UDF layer (once per worker). A failed generation is ``retry``
-    when transient with attempts left, else ``error`` (:func:`finelake.faults.settle`).
+    when transient with attempts left, else ``error`` (:func:`finelake.faults.settle`). Every row
+    with a reply gets the reply's ``flags`` (:func:`finelake.method.prompts.parse_instantiate`).
 
     With ``max_document_tokens`` each document is cut to that many ``tokenizer`` tokens (on a
     token boundary, and never past ``max_document_chars``) before its prompt is built."""
@@ -97,7 +103,7 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
                                       max_answer_sentences, grounding_min_run_chars)
         rows.append({**base, "status": o.status, "instruction": o.instruction, "answer": o.answer,
                      "excerpt_ratio": o.excerpt_ratio, "reason": o.reason,
-                     "raw_output": text})
+                     "raw_output": text, "flags": o.flags})
     return rows
 
 
@@ -144,13 +150,20 @@ def _row_args(ctx: StageContext, spec: dict) -> dict:
                 max_attempts=ic.max_attempts)
 
 
+def _summarize(ctx: StageContext, stats: StageStats, scope) -> None:
+    """Outcomes by ``status:reason`` and the replies' parse rate and flags."""
+    rows = ctx.lake.read(INSTANTIATIONS).join(scope.select("pair_key"), "pair_key", "left_semi")
+    count_outcomes(stats, rows)
+    stats.extra.update(reply_signals(rows).summary())
+
+
 INSTANTIATE = ModelStage(
     name=STAGE,
     help="Instantiate matched templates against their documents (matches -> instantiations).",
     table=INSTANTIATIONS, key="pair_key", chunk_key="doc_id", order=("sample_rank",),
     reads=(MATCHES, DOCUMENTS, TEMPLATES),
     settings=_settings, scope=_scope, inputs=_inputs, rows=instantiate_rows, row_args=_row_args,
-    prompts_per_key=_prompts_per_document, options=("max_documents",))
+    prompts_per_key=_prompts_per_document, summarize=_summarize, options=("max_documents",))
 """instantiate as a model stage (:mod:`finelake.stage`): one row per match, chunks of documents
 (a document's templates are generated together, in sample order)."""
 

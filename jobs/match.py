@@ -19,18 +19,16 @@ rebuilt with the same documents, partitions and order, so it samples the same te
 insert-only ``matches`` merge adds nothing.
 
     spark-submit jobs/match.py --conf conf/local.yaml [--max-documents N]
-    finelake calibrate        # cosine distribution, to choose a threshold for another model
+
+``finelake calibrate`` (:mod:`finelake.jobs.calibrate`) measures retrieval on a lake's documents.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Iterator, Optional
+from typing import Optional
 
-import numpy as np
 import pandas as pd
 
-from finelake.jobs.chunks import spread
 from finelake.jobs.common import job_main, limit_ordered, read_for_keys, require
 from finelake.jobs.index import index_slots, index_weights, latest_index, stored_weights
 from finelake.runtime import FinelakeError, StageContext, StageStats
@@ -39,58 +37,6 @@ from finelake.storage import distribute
 from finelake.tables import DOCUMENTS, MATCH_LOG, MATCH_OUTPUT, MATCHES, TEMPLATES
 
 STAGE = "match"
-
-
-CANDIDATE_COLUMNS = ["doc_id", "template_id", "chunk_index", "score", "cut"]
-
-
-def candidate_schema():
-    """Spark schema of :func:`candidates_partition`'s rows."""
-    from pyspark.sql import types as T
-
-    return T.StructType([T.StructField("doc_id", T.StringType()),
-                         T.StructField("template_id", T.StringType()),
-                         T.StructField("chunk_index", T.IntegerType()),
-                         T.StructField("score", T.DoubleType()),
-                         T.StructField("cut", T.BooleanType())])
-
-
-def candidates_partition(batches: Iterator[pd.DataFrame], embedder: dict, index_path: str,
-                         chunks: int, sigma: float, alpha: float, threshold: Optional[float],
-                         top_k: Optional[int] = None, max_candidates: Optional[int] = None,
-                         search_batch: int = 1024, distributed: bool = False) -> Iterator[pd.DataFrame]:
-    """Executor side: documents (doc_id, text) in, candidate rows out (doc_id, template_id,
-    chunk_index, score, cut). A document with no candidate yields a row with null template_id.
-
-    Each Arrow batch is embedded (K+1 Gaussian-pooled vectors per document, Appendix B) and its
-    vectors searched in one FAISS call (split every ``search_batch`` documents): a range search
-    at ``threshold`` (§3.2: every template whose cosine reaches it), at most ``max_candidates``
-    templates kept per document, best first; ``cut`` is true on every row of a document whose
-    list was capped. With ``top_k`` (calibration) the k nearest templates per vector instead,
-    dropped below ``threshold`` when one is given. The index is loaded once per worker,
-    memory-mapped (:func:`finelake.udfs.index.load_index`). ``index_path``/``distributed`` as
-    returned by :func:`finelake.storage.distribute`.
-    """
-    from finelake.storage import local_copy
-    from finelake.udfs.embedding import embed_frame
-    from finelake.udfs.index import load_index, search_documents
-
-    index_path = local_copy(index_path, distributed)
-    index = load_index(index_path, embedder["model"])
-    for pdf in batches:
-        emb = embed_frame(embedder, pdf[["doc_id", "text"]], "text", pooled=True, chunks=chunks,
-                          sigma=sigma, alpha=alpha)
-        doc_ids = emb["doc_id"].tolist()
-        pooled = emb["embedding"].tolist()
-        rows = []
-        for i in range(0, len(doc_ids), search_batch):
-            res = search_documents(index, pooled[i:i + search_batch], threshold, max_candidates, top_k)
-            for doc_id, found, cut in zip(doc_ids[i:i + search_batch], res.candidates, res.cut):
-                if not found:
-                    rows.append({"doc_id": doc_id, "template_id": None, "chunk_index": None,
-                                 "score": None, "cut": cut})
-                rows.extend({"doc_id": doc_id, **c, "cut": cut} for c in found)
-        yield pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
 
 def sample_candidates(doc_id: str, found: list[dict], slots: dict, weights: dict, n: int,
@@ -254,42 +200,6 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     from finelake.jobs.runner import run_model_stage
 
     return run_model_stage(ctx, MATCH, Limits(max_documents=max_documents))
-
-
-def calibrate(ctx: StageContext, n: int = 200) -> str:
-    """Score distribution of each document's best template (over its K+1 embeddings) on ``n``
-    documents, to choose ``match.thresholds[<embedding model>]`` for a model other than the paper's.
-
-    Returns:
-        A printable table of quantiles and of the share of documents with at least one candidate
-        at several thresholds.
-    """
-    cfg = ctx.cfg
-    idx = current_index(cfg, ctx.spark)
-    docs = limit_ordered(require(ctx, DOCUMENTS, "ingest").select("doc_id", "text"), "doc_id", n)
-    index_path, distributed = distribute(ctx.spark, idx["path"])
-    fn = functools.partial(candidates_partition, embedder=cfg.models.embedder.model_dump(),
-                           index_path=index_path, distributed=distributed,
-                           chunks=cfg.match.chunks, sigma=cfg.match.sigma,
-                           alpha=cfg.match.alpha, top_k=cfg.match.top_k, threshold=None)
-    schema = candidate_schema()
-    par = ctx.spark.sparkContext.defaultParallelism
-    pdf = spread(docs, "doc_id", par).mapInPandas(fn, schema).toPandas()
-    best = pdf.groupby("doc_id")["score"].max().to_numpy()
-    all_scores = pdf["score"].to_numpy()
-    qs = [0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
-    lines = [f"embedding model: {cfg.models.embedder.model}   documents: {len(best)}   "
-             f"current threshold: {cfg.match.threshold_for(cfg.models.embedder.model)}",
-             "quantile   best-per-doc   all top-k scores"]
-    for q in qs:
-        lines.append(f"  {q:>5.2f}   {np.quantile(best, q):>12.3f}   {np.quantile(all_scores, q):>16.3f}")
-    lines.append("threshold  docs with >=1 candidate  mean candidates/doc")
-    per_doc = pdf.groupby("doc_id")["score"]
-    for t in np.round(np.quantile(all_scores, [0.5, 0.75, 0.9, 0.95, 0.99]), 3):
-        share = float((best >= t).mean())
-        mean_c = float(per_doc.apply(lambda s: (s >= t).sum()).mean())
-        lines.append(f"  {t:>7.3f}  {share:>22.2%}  {mean_c:>19.2f}")
-    return "\n".join(lines)
 
 
 def main(argv=None):

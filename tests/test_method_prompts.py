@@ -119,3 +119,63 @@ def test_instantiate_direct_mode_expands_pointers_and_enforces_ratio():
     assert prompts.parse_instantiate(DOC, TPL, req, "null", "direct", 0.8).status == "null"
     unfilled = {"instruction": TPL, "answer": "<excerpt>Wild boars are<...>small animals.</excerpt>"}
     assert prompts.parse_instantiate(DOC, TPL, req, json.dumps(unfilled), "direct", 0.8).reason == "unfilled_slot"
+
+
+def test_genericize_constrained_or_not():
+    """genericize.constrained: the schema is sent or not; unconstrained replies are read leniently
+    (first JSON object, extra keys tolerated), constrained ones strictly; both say so in flags."""
+    q = "what is the capital of France?"
+    good = {"template": "what is the capital of <fi>country</fi>?",
+            "compatible_document_description": "A document describing a country and its capital."}
+    free = prompts.genericize_request(q, "direct", constrained=False)
+    assert free.json_schema is None and free.messages == [{"role": "user", "content": q}]
+    chatty = "Here is the template:\n" + json.dumps({**good, "notes": "x", "id": 3}) + "\nDone."
+    res = prompts.parse_genericize(q, free, chatty, "direct")
+    assert res.ok and res.template == good["template"]
+    assert res.flags == ["lenient_parse", "unknown_keys:id,notes"]
+    clean = prompts.parse_genericize(q, free, json.dumps(good), "direct")
+    assert clean.ok and clean.flags == []
+    missing = prompts.parse_genericize(q, free, json.dumps({"template": good["template"]}), "direct")
+    assert not missing.ok and "lenient_parse" not in missing.flags
+    tight = prompts.genericize_request(q, "direct", constrained=True)
+    assert tight.json_schema == prompts.DIRECT_GENERICIZE_SCHEMA
+    strict = prompts.parse_genericize(q, tight, chatty, "direct")
+    assert (strict.reason, strict.flags) == ("unparseable_output", ["constrained"])
+    assert prompts.parse_genericize(q, tight, json.dumps(good), "direct").flags == ["constrained"]
+    dec = prompts.genericize_request("tell me about deduplication in php", "decomposed",
+                                     constrained=False)
+    assert dec.json_schema is None and dec.candidates
+
+
+def test_instantiate_reads_the_released_key_and_flags_unknown_ones():
+    req = prompts.instantiate_request(DOC, TPL, "direct", 6000)
+    answer = "<excerpt>Wild boars are<...>small animals.</excerpt>"
+    released = {"instantiated_instruction": "what does the wild boar eat?", "answer": answer}
+    ok = prompts.parse_instantiate(DOC, TPL, req, json.dumps(released), "direct", 0.8)
+    assert ok.status == "ok" and ok.instruction == "what does the wild boar eat?"
+    assert ok.flags == []
+    extra = {**released, "template_id": "t1", "confidence": 0.9}
+    chatty = "Output: " + json.dumps(extra)
+    o = prompts.parse_instantiate(DOC, TPL, req, chatty, "direct", 0.8)
+    assert o.status == "ok" and o.flags == ["lenient_parse", "unknown_keys:confidence,template_id"]
+    bad = prompts.parse_instantiate(DOC, TPL, req, "I cannot do that.", "direct", 0.8)
+    assert (bad.status, bad.reason, bad.flags) == ("invalid", "unparseable_output", [])
+
+
+@pytest.mark.parametrize("instruction", [
+    "what does the <excerpt>wild boar</excerpt> eat?",
+    "what does the wild boar eat</excerpt>?",
+    "what does the wild<...>boar eat?",
+])
+def test_instantiate_rejects_excerpt_markup_in_the_instruction(instruction):
+    req = prompts.instantiate_request(DOC, TPL, "direct", 6000)
+    out = {"instruction": instruction, "answer": "<excerpt>Wild boars are<...>small animals.</excerpt>"}
+    o = prompts.parse_instantiate(DOC, TPL, req, json.dumps(out), "direct", 0.8)
+    assert (o.status, o.reason) == ("invalid", "excerpt_markup_in_instruction")
+
+
+def test_decomposed_instantiate_replies_are_flagged_constrained():
+    req = prompts.instantiate_request(DOC, TPL, "decomposed", 6000)
+    assert req.json_schema is not None
+    o = prompts.parse_instantiate(DOC, TPL, req, '{"compatible": false}', "decomposed", 0.8)
+    assert o.status == "null" and o.flags == ["constrained"]

@@ -187,24 +187,3 @@ def test_report_counts_the_funnel_from_the_tables_and_draws_its_plots(runs, spar
         assert f"]({png})" in text
         with open(tmp_path / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def test_calibrate_prints_the_score_table_of_the_lake(runs, spark):
-    """`finelake calibrate` crashed (it passed the lake path where the config was expected)."""
-    import re
-
-    out = match.calibrate(StageContext(_cfg(runs["a"]), spark=spark), n=6)
-    lines = out.splitlines()
-    assert "documents: 6" in lines[0] and "current threshold: 0.12" in lines[0]
-    rows = [ln.split() for ln in lines if re.match(r"^\s+0\.\d\d\s", ln)]
-    qs = [float(r[0]) for r in rows]
-    assert qs == [0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
-    best, every = [float(r[1]) for r in rows], [float(r[2]) for r in rows]
-    for col in (best, every):
-        assert col == sorted(col) and all(-1.0 <= v <= 1.0 for v in col)
-    # every score is at most its document's best and each document has top_k scores, so the
-    # best scores' upper quantile is at least the median of all scores
-    assert best[-1] >= every[2]
-    shares = [float(m) for m in re.findall(r"([\d.]+)%", out)]
-    assert len(shares) == 5 and all(0 <= s <= 100 for s in shares)
-    assert shares == sorted(shares, reverse=True)  # higher thresholds keep fewer documents

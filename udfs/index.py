@@ -3,8 +3,9 @@ FAISS call per batch of documents."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -47,6 +48,27 @@ def load_slots(path: str) -> dict[str, int]:
         return {t: int(k) for t, k in zip(ids, slots) if k is not None}
 
     return get_or_load("template_slots", {"path": path}, _load, exclusive=False)
+
+
+@contextlib.contextmanager
+def probing(index, nprobe: Optional[int]) -> Iterator[None]:
+    """Search an IVF :class:`finelake.models.index.TemplateIndex` with ``nprobe`` lists (capped at
+    its ``nlist``) inside the block, then restore its own; a no-op for the flat kind or None.
+    The index may be the worker's cached one: a Python worker runs one task at a time."""
+    from finelake.models.index import IVF_KINDS
+
+    if nprobe is None or index.kind not in IVF_KINDS:
+        yield
+        return
+    import faiss  # lazy: only IVF indexes get here, and faiss loads on executors only
+
+    ivf = faiss.extract_index_ivf(index.index)
+    saved = ivf.nprobe
+    ivf.nprobe = max(1, min(int(nprobe), int(ivf.nlist)))
+    try:
+        yield
+    finally:
+        ivf.nprobe = saved
 
 
 @dataclass

@@ -5,12 +5,21 @@ Two modes per stage, chosen in the profile:
 * ``direct`` — the contracts of the released models, so a GPU profile only changes the model id:
   ``fineinstructions/query_templatizer`` takes the bare query as the user message and answers
   ``{"template", "compatible_document_description"}``; ``fineinstructions/template_instantiator``
-  takes ``{"instruction_template", "document"}`` as JSON and answers ``{"instruction", "answer"}``
-  (answer with ``<excerpt>`` pointers) or ``null`` for an incompatible pair.
+  takes ``{"instruction_template", "document"}`` as JSON, template first, and answers
+  ``{"instruction", "answer"}``
+  (answer with ``<excerpt>`` pointers) or ``null`` for an incompatible pair. No public source
+  shows the instantiator's own reply keys; the released dataset names the column
+  ``instantiated_instruction``, so that key is read as well as ``instruction``.
 * ``decomposed`` — for a model as small as the embedded SmolLM2-135M: it picks from numbered lists
   under constrained decoding (spans of the query and a generic description of each; slot fills and
   a sentence range of the document), and code assembles the template, the instruction and the
   excerpt pointer. The expansion, ratio and validation code is the same in both modes.
+
+Genericize sends its JSON schema as a decoding constraint only when ``constrained`` (the
+``genericize.constrained`` setting); unconstrained replies are read leniently (the first JSON
+object of the reply, extra keys tolerated: :func:`finelake.method.replies.read_json_reply`).
+Every parsed reply carries flags (``constrained``, ``lenient_parse``, ``unknown_keys:...``; see
+:mod:`finelake.method.replies`) that the stages write to their rows.
 
 Every function here is pure: messages in, parsed records out.
 """
@@ -23,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from finelake.method import excerpts, templates
+from finelake.method import excerpts, replies, templates
 from finelake.method.spans import Span, candidate_spans, split_sentences
 
 GENERICIZE_PROMPT_VERSION = "genericize-v1"
@@ -58,22 +67,32 @@ copies them (a quality signal for small models)."""
 
 @dataclass
 class GenericizeRequest:
-    """Messages and schema for one query, plus what parsing needs (the candidate spans)."""
+    """Messages and schema for one query, plus what parsing needs (the candidate spans).
+    ``json_schema`` is None when the request is unconstrained."""
 
     messages: list[dict]
-    json_schema: dict
+    json_schema: Optional[dict]
     candidates: list[Span] = field(default_factory=list)
 
 
-def genericize_request(query: str, mode: str, max_slots: int = 3) -> Optional[GenericizeRequest]:
+def genericize_request(query: str, mode: str, max_slots: int = 3,
+                       constrained: bool = True) -> Optional[GenericizeRequest]:
     """Build the generation request for one query.
+
+    Args:
+        query: the real user query.
+        mode: ``direct`` or ``decomposed`` (module docstring).
+        max_slots: most spans a decomposed reply may pick.
+        constrained: send the reply's JSON schema as a decoding constraint; False leaves the
+            model free (the released query_templatizer was trained on free-text JSON replies).
 
     Returns:
         The request, or None in decomposed mode when the query has no candidate span (the stage
         records that query as ``no_candidate_span``).
     """
     if mode == "direct":
-        return GenericizeRequest([{"role": "user", "content": query}], DIRECT_GENERICIZE_SCHEMA)
+        return GenericizeRequest([{"role": "user", "content": query}],
+                                 DIRECT_GENERICIZE_SCHEMA if constrained else None)
     cands = candidate_spans(query)
     if not cands:
         return None
@@ -93,29 +112,40 @@ def genericize_request(query: str, mode: str, max_slots: int = 3) -> Optional[Ge
         messages += [{"role": "user", "content": f"Request: {q}\nPhrases: {phrases}"},
                      {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": f"Request: {query[:600]}\nPhrases: {listing}"})
-    return GenericizeRequest(messages, schema, cands)
+    return GenericizeRequest(messages, schema if constrained else None, cands)
 
 
 @dataclass
 class GenericizeOutcome:
-    """Parsed result for one query: a template, or the reason there is none."""
+    """Parsed result for one query: a template, or the reason there is none, and the reply's
+    flags (:mod:`finelake.method.replies`)."""
 
     template: Optional[str]
     compatible_document_description: Optional[str]
     reason: Optional[str]
+    flags: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.reason is None
 
 
-def _load_json(text: Optional[str]) -> Any:
-    if text is None:
-        raise ValueError("no output")
-    text = text.strip()
-    if text.startswith("```"):
-        text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text)
-    return json.loads(text)
+GENERICIZE_KEYS = {"direct": ("template", "compatible_document_description"), "decomposed": ("picks",)}
+"""Reply keys each genericize mode reads; others are tolerated and flagged ``unknown_keys``."""
+
+
+def _read_reply(output: Optional[str], constrained: bool,
+                known: tuple[str, ...]) -> tuple[Any, list[str]]:
+    """The decoded reply and its flags; ``ValueError`` when it holds no JSON (strictly read
+    under a constraint, leniently without)."""
+    reply = replies.read_json_reply(output, lenient=not constrained)
+    flags = [replies.FLAG_CONSTRAINED] if constrained else []
+    if reply.lenient:
+        flags.append(replies.FLAG_LENIENT)
+    unknown = replies.unknown_keys_flag(reply.data, known)
+    if unknown:
+        flags.append(unknown)
+    return reply.data, flags
 
 
 def describe_documents(template: str, kinds: list[str]) -> str:
@@ -127,53 +157,70 @@ def describe_documents(template: str, kinds: list[str]) -> str:
             f"such as: {shown}")
 
 
-def parse_genericize(query: str, req: GenericizeRequest, output: Optional[str], mode: str) -> GenericizeOutcome:
+def parse_genericize(query: str, req: GenericizeRequest, output: Optional[str], mode: str,
+                     constrained: Optional[bool] = None) -> GenericizeOutcome:
     """Turn model output into a validated template.
 
-    Direct mode reads the query_templatizer JSON. Decomposed mode reads ``{"picks": [{"n", "kind"}]}``,
-    replaces each picked span of the query by ``<fi>kind</fi>`` and writes the compatible document
-    description. Either way the template is checked by :func:`templates.validate_template`.
+    Direct mode reads the query_templatizer JSON: ``template`` and
+    ``compatible_document_description`` are required, other keys are tolerated (flagged
+    ``unknown_keys:...``). Decomposed mode reads ``{"picks": [{"n", "kind"}]}``, replaces each
+    picked span of the query by ``<fi>kind</fi>`` and writes the compatible document description.
+    Either way the template is checked by :func:`templates.validate_template`.
+
+    A constrained reply must be one JSON value (a code fence allowed); an unconstrained one is
+    read leniently, its first JSON object (flag ``lenient_parse`` when that was needed).
+
+    Args:
+        constrained: whether the request was decoded under its schema; default: whether
+            ``req`` carries one.
 
     Returns:
         :class:`GenericizeOutcome`; ``reason`` is one of ``unparseable_output``, ``bad_pick``,
-        or the validation reasons joined by ``;``.
+        or the validation reasons joined by ``;``; ``flags`` as in :mod:`finelake.method.replies`.
     """
+    if constrained is None:
+        constrained = req.json_schema is not None
     try:
-        data = _load_json(output)
-    except (ValueError, json.JSONDecodeError):
-        return GenericizeOutcome(None, None, "unparseable_output")
+        data, flags = _read_reply(output, constrained, GENERICIZE_KEYS[mode])
+    except ValueError:
+        return GenericizeOutcome(None, None, "unparseable_output",
+                                 [replies.FLAG_CONSTRAINED] if constrained else [])
+
+    def fail(reason: str, tpl: Optional[str] = None, desc: Optional[str] = None) -> GenericizeOutcome:
+        return GenericizeOutcome(tpl, desc, reason, flags)
+
     if mode == "direct":
         if not isinstance(data, dict):
-            return GenericizeOutcome(None, None, "unparseable_output")
+            return fail("unparseable_output")
         tpl = str(data.get("template") or "").strip()
         desc = str(data.get("compatible_document_description") or "").strip()
     else:
         picks = data.get("picks") if isinstance(data, dict) else None
         if not isinstance(picks, list) or not picks:
-            return GenericizeOutcome(None, None, "unparseable_output")
+            return fail("unparseable_output")
         chosen: dict[int, str] = {}
         for p in picks:
             try:
                 n = int(p["n"])
                 kind = re.sub(r"\s+", " ", str(p["kind"])).strip().strip(".")
             except (KeyError, TypeError, ValueError):
-                return GenericizeOutcome(None, None, "unparseable_output")
+                return fail("unparseable_output")
             if not 1 <= n <= len(req.candidates):
-                return GenericizeOutcome(None, None, "bad_pick")
+                return fail("bad_pick")
             if kind and n not in chosen:
                 chosen[n] = kind
         if not chosen:
-            return GenericizeOutcome(None, None, "empty_slot_description")
+            return fail("empty_slot_description")
         spans = [(req.candidates[n - 1].text, kind) for n, kind in sorted(chosen.items())]
         try:
             tpl = templates.assemble_template(query, spans)
         except ValueError as exc:
-            return GenericizeOutcome(None, None, f"bad_pick: {exc}")
+            return fail(f"bad_pick: {exc}")
         desc = describe_documents(tpl, list(chosen.values()))
     problems = templates.validate_template(tpl, desc, query)
     if problems:
-        return GenericizeOutcome(tpl or None, desc or None, ";".join(problems))
-    return GenericizeOutcome(tpl, desc, None)
+        return fail(";".join(problems), tpl or None, desc or None)
+    return GenericizeOutcome(tpl, desc, None, flags)
 
 
 # ----------------------------------------------------------------------------- instantiate
@@ -224,8 +271,14 @@ def _document_lists(doc: str, max_document_chars: int,
 def instantiate_request(document: str, template: str, mode: str, max_document_chars: int,
                         max_answer_sentences: int = 4,
                         min_sentence_chars: int = 40) -> InstantiateRequest:
-    """Build the request for one pair, the document first so that requests for the same
-    document share a prefix (vLLM prefix caching / llama.cpp KV reuse, §3.3 cost note).
+    """Build the request for one pair.
+
+    Direct mode is the released template_instantiator contract: one user message
+    ``{"instruction_template": …, "document": …}`` as JSON, the template *first*, so requests for
+    the same document share no prefix beyond the chat template's own. Decomposed mode puts the
+    numbered document in the system message and the template in the user message, so requests
+    for the same document share the document as a prefix (vLLM prefix caching, llama.cpp KV
+    reuse; ``benchmarks/bench_prefix_cache.py`` measures the hit rate).
 
     Decomposed mode numbers the document's sentences (:func:`split_sentences`), fragments of
     fewer than ``min_sentence_chars`` non-whitespace characters joined to their neighbours, so
@@ -276,6 +329,15 @@ class InstantiateOutcome:
     excerpt_ratio: Optional[float] = None
     reason: Optional[str] = None
     raw_answer: Optional[str] = None
+    flags: list[str] = field(default_factory=list)
+
+
+INSTANTIATE_KEYS = {"direct": ("instruction", "instantiated_instruction", "answer"),
+                    "decomposed": ("fills", "first", "last", "compatible")}
+"""Reply keys each instantiate mode reads; others are tolerated and flagged ``unknown_keys``."""
+
+EXCERPT_MARKUP = re.compile(r"<excerpt|</excerpt>|<\.\.\.>")
+"""Excerpt markup that must never reach an instruction (it belongs in answers only)."""
 
 
 def parse_instantiate(document: str, template: str, req: InstantiateRequest, output: Optional[str],
@@ -290,17 +352,36 @@ def parse_instantiate(document: str, template: str, req: InstantiateRequest, out
     that passes the tag accounting must also pass the tag-blind check
     :func:`excerpts.grounding_failure` (copied runs of ``min_run_chars`` or more), else it is
     ``excerpt_rejected`` with that reason (``answer_too_short`` / ``ungrounded``).
+
+    Direct mode reads the instruction from ``instruction`` or, failing that,
+    ``instantiated_instruction`` (the released dataset's column name), and ``answer``; other keys
+    are tolerated and flagged ``unknown_keys:...``. Its replies are decoded without a schema, so
+    they are read leniently (the first JSON object; flag ``lenient_parse``). An instruction that
+    holds excerpt markup (``<excerpt``, ``</excerpt>``, ``<...>``) is ``invalid`` with reason
+    ``excerpt_markup_in_instruction``. Every outcome of a reply carries its flags.
     """
+    constrained = req.json_schema is not None
     try:
-        data = _load_json(output)
-    except (ValueError, json.JSONDecodeError):
-        return InstantiateOutcome("invalid", reason="unparseable_output")
+        data, flags = _read_reply(output, constrained, INSTANTIATE_KEYS[mode])
+    except ValueError:
+        return InstantiateOutcome("invalid", reason="unparseable_output",
+                                  flags=[replies.FLAG_CONSTRAINED] if constrained else [])
+    o = _parse_instantiate_data(document, template, req, data, mode, min_excerpt_ratio,
+                                max_answer_sentences, min_run_chars)
+    o.flags = flags
+    return o
+
+
+def _parse_instantiate_data(document: str, template: str, req: InstantiateRequest, data: Any,
+                            mode: str, min_excerpt_ratio: float, max_answer_sentences: int,
+                            min_run_chars: int) -> InstantiateOutcome:
+    """:func:`parse_instantiate` after the reply was decoded (``data``)."""
     if data is None or (isinstance(data, dict) and data.get("compatible") is False):
         return InstantiateOutcome("null", reason="incompatible_template")
     if not isinstance(data, dict):
         return InstantiateOutcome("invalid", reason="unparseable_output")
     if mode == "direct":
-        instruction = str(data.get("instruction") or "").strip()
+        instruction = str(data.get("instruction") or data.get("instantiated_instruction") or "").strip()
         raw_answer = str(data.get("answer") or "").strip()
     else:
         fills = data.get("fills")
@@ -331,6 +412,9 @@ def parse_instantiate(document: str, template: str, req: InstantiateRequest, out
         return InstantiateOutcome("invalid", reason="empty_instruction_or_answer")
     if templates.unfilled_slots(instruction):
         return InstantiateOutcome("invalid", instruction=instruction, reason="unfilled_slot")
+    if EXCERPT_MARKUP.search(instruction):
+        return InstantiateOutcome("invalid", instruction=instruction,
+                                  reason="excerpt_markup_in_instruction")
     expanded = excerpts.expand_excerpts(raw_answer, document)
     answer = expanded.text.strip()
     if expanded.failures:
