@@ -77,6 +77,16 @@ def listdir(spark, path: str) -> list[str]:
     return sorted(st.getPath().getName() for st in fs.listStatus(p) if st.isFile())
 
 
+def children(spark, path: str) -> list[str]:
+    """Sorted names of the files and folders directly under ``path``; [] when it is missing."""
+    if not is_uri(path):
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    _, fs, p = hadoop_fs(spark, path)
+    if not fs.exists(p):
+        return []
+    return sorted(st.getPath().getName() for st in fs.listStatus(p))
+
+
 def newest_mtime(spark, path: str) -> float:
     """The latest modification time (seconds since the epoch) of the directory ``path`` and the
     entries directly under it.

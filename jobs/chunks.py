@@ -105,6 +105,8 @@ def stage_keys(ctx, stage: str, pending, chunk_key: str, n_chunks: int,
     path = staging_path(ctx, stage)
     # One task per chunk value (a file per chunk, not per task and chunk).
     pending.repartition(CHUNK).write.mode("overwrite").partitionBy(CHUNK).parquet(path)
+    if not any(name.startswith(f"{CHUNK}=") for name in storage.children(ctx.spark, path)):
+        return path, {}  # nothing pending: Spark wrote no partition (and cannot read none)
     staged = ctx.spark.read.parquet(path)
     sizes = {int(r[CHUNK]): int(r["count"]) for r in staged.groupBy(CHUNK).count().collect()}
     return path, sizes
