@@ -39,22 +39,21 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from finelake import storage
 from finelake.jobs.common import arrow_from_rows, model_label
-from finelake.jobs.train import TRAIN_META, data_lake, read_table, setup_mlflow
+# The model and the scoring live in their own modules; their names are importable from here too.
+from finelake.jobs.eval_models import (STOP_STRINGS, Generation, ModelUnderTest,  # noqa: F401
+                                       generate, load_model, render_prompts, resolve_model_path)
+from finelake.jobs.eval_scoring import (next_token_logits, score_alpacaeval,  # noqa: F401
+                                        score_aspects, score_ifeval, score_mt_bench, token_shift)
+from finelake.jobs.train import data_lake, read_table, setup_mlflow
 from finelake.method import ifeval as ifm
-from finelake.method import token_shift as tsm
-from finelake.method import winrate as wr
-from finelake.method.training import format_prompt
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import EVAL_SETS, EVALUATIONS
 
@@ -65,8 +64,6 @@ BENCHMARK_FILES = {
     "alpacaeval": "eval_alpacaeval.jsonl",
     "mt_bench": "eval_mt_bench.jsonl",
 }
-STOP_STRINGS = ("\n\nInstruction:",)
-"""A model trained on the §4.2 template may start a new pair after its answer: cut it there."""
 
 
 # ----------------------------------------------------------------------------- eval sets
@@ -113,286 +110,6 @@ def load_eval_sets(ctx: StageContext, lake=None) -> int:
                update_when=changed)
     return lake.version(EVAL_SETS)
 
-
-# ----------------------------------------------------------------------------- models
-
-
-@dataclass
-class ModelUnderTest:
-    """A loaded causal LM and how to prompt it.
-
-    Attributes:
-        label: short name for tables and plots.
-        uri: what the user passed (``models:/...``, ``runs:/...``, a folder, ``embedded:...``).
-        path: the local transformers folder loaded.
-        prompt_format: ``chat`` or ``instruction``.
-        meta: ``finelake_train.json`` of a finelake-trained model ({} otherwise).
-    """
-
-    label: str
-    uri: str
-    path: str
-    model: Any
-    tokenizer: Any
-    prompt_format: str
-    meta: dict = field(default_factory=dict)
-
-
-def resolve_model_path(ctx: StageContext, uri: str) -> str:
-    """A local transformers folder for ``uri``.
-
-    ``models:/name/version`` and ``runs:/id/path`` resolve through MLflow (a local artifact store is
-    used in place; a remote one is downloaded under ``<lake>/_mlflow/downloads``); ``embedded:``
-    names and GGUF files go through :func:`finelake.models.resolve.hf_path`; folders and hub ids
-    pass through.
-
-    Raises:
-        FinelakeError: an MLflow URI that does not resolve.
-    """
-    from finelake.models.resolve import hf_path
-
-    if not (uri.startswith("models:/") or uri.startswith("runs:/")):
-        return hf_path(uri)
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    setup_mlflow(ctx.cfg)
-    try:
-        if uri.startswith("models:/"):
-            name, _, ver = uri[len("models:/"):].partition("/")
-            src = MlflowClient().get_model_version_download_uri(name, ver)
-        else:
-            rid, _, sub = uri[len("runs:/"):].partition("/")
-            src = f"{mlflow.get_run(rid).info.artifact_uri}/{sub}"
-    except MlflowException as exc:
-        raise FinelakeError(f"cannot resolve {uri}: {exc.message}") from None
-    if src.startswith("file://") and Path(src[len("file://"):], "config.json").exists():
-        return src[len("file://"):]
-    if os.path.isdir(src) and Path(src, "config.json").exists():
-        return src
-    root = storage.root(ctx.cfg.lake)
-    dst = Path("/tmp" if storage.is_uri(root) else root, "_mlflow", "downloads", uri.replace(":/", "_").replace("/", "_"))
-    dst.mkdir(parents=True, exist_ok=True)
-    return mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=str(dst))
-
-
-def _label(uri: str) -> str:
-    if uri.startswith("models:/"):
-        return uri[len("models:/"):]
-    if uri.startswith("embedded:"):
-        return uri[len("embedded:"):]
-    return Path(uri.rstrip("/")).name or uri
-
-
-def load_model(ctx: StageContext, uri: str, label: Optional[str] = None,
-               prompt_format: Optional[str] = None) -> ModelUnderTest:
-    """Load a model for evaluation (fp32 on CPU, bf16 on GPU), left padding for batched generation.
-
-    Raises:
-        FinelakeError: an MLflow URI that does not resolve.
-        OSError: the folder holds no transformers model.
-    """
-    import torch
-    import transformers
-
-    path = resolve_model_path(ctx, uri)
-    meta_file = Path(path, TRAIN_META)
-    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
-    fmt = prompt_format or ctx.cfg.evaluate.prompt_format
-    if fmt == "auto":
-        fmt = meta.get("prompt_format") or ("chat" if tok.chat_template else "instruction")
-    return ModelUnderTest(label or _label(uri), uri, path, model, tok, fmt, meta)
-
-
-def render_prompts(m: ModelUnderTest, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt in the model's format (chat template with the generation prompt,
-    or ``Instruction: {prompt}\\n\\nAnswer:`` tokenized as training tokenized it)."""
-    tok = m.tokenizer
-    if m.prompt_format == "chat":
-        return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
-                                        add_generation_prompt=True, return_dict=False)
-                for p in prompts]
-    return [tok(format_prompt(p))["input_ids"] for p in prompts]
-
-
-@dataclass
-class Generation:
-    """One greedy response: prompt and generated token ids, and the text (cut at a stop string)."""
-
-    prompt_ids: list[int]
-    output_ids: list[int]
-    text: str
-
-
-def generate(m: ModelUnderTest, prompts: list[str], max_new_tokens: int,
-             batch_size: int) -> list[Generation]:
-    """Greedy responses, same order as ``prompts``; batches of similar length, left-padded.
-
-    Returns:
-        One :class:`Generation` per prompt; ``output_ids`` stop at the first EOS (excluded).
-    """
-    import torch
-
-    tok, model = m.tokenizer, m.model
-    ids = render_prompts(m, prompts)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[Optional[Generation]] = [None] * len(ids)
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id or tok.eos_token_id])
-    eos.add(tok.eos_token_id)
-    for s in range(0, len(order), batch_size):
-        batch = order[s:s + batch_size]
-        width = max(len(ids[i]) for i in batch)
-        inp = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            inp[r, width - len(ids[i]):] = torch.tensor(ids[i])
-            att[r, width - len(ids[i]):] = 1
-        with torch.no_grad():
-            gen = model.generate(input_ids=inp.to(model.device), attention_mask=att.to(model.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        for r, i in enumerate(batch):
-            new = gen[r, width:].tolist()
-            cut = next((k for k, t in enumerate(new) if t in eos), len(new))
-            new = new[:cut]
-            text = tok.decode(new, skip_special_tokens=True)
-            for stop in STOP_STRINGS:
-                text = text.split(stop)[0]
-            out[i] = Generation(ids[i], new, text.strip())
-    return out  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------- benchmarks
-
-
-def score_ifeval(items: list[dict], gens: list[Generation]) -> tuple[dict, list[dict]]:
-    """IFEval metrics and per-item rows (prompt-level and instruction-level, strict and loose)."""
-    results, rows = [], []
-    for it, g in zip(items, gens):
-        r = ifm.check(it["prompt"], g.text, it["instruction_id_list"], it["kwargs"])
-        results.append(r)
-        rows.append({"item_id": it["item_id"], "response": g.text, "strict": r.strict,
-                     "loose": r.loose, "instructions": r.instruction_ids})
-    return ifm.aggregate(results), rows
-
-
-def _judge_texts(judge, requests) -> list[Optional[str]]:
-    if not requests:
-        return []
-    return [r.text if r.error is None else None for r in judge.generate(requests)]
-
-
-def score_alpacaeval(judge, items: list[dict], gens: list[Generation],
-                     both_orders: bool = True) -> tuple[dict, list[dict]]:
-    """Win rate, win margin and length-controlled win rate against the reference outputs."""
-    from finelake.models.base import GenerationRequest
-
-    reqs = []
-    for it, g in zip(items, gens):
-        reqs.append(GenerationRequest(wr.pairwise_messages(it["prompt"], g.text, it["reference"]),
-                                      max_tokens=2, regex=wr.PAIRWISE_REGEX))
-        if both_orders:
-            reqs.append(GenerationRequest(wr.pairwise_messages(it["prompt"], it["reference"], g.text),
-                                          max_tokens=2, regex=wr.PAIRWISE_REGEX))
-    texts = _judge_texts(judge, reqs)
-    step = 2 if both_orders else 1
-    prefs, rows = [], []
-    for k, (it, g) in enumerate(zip(items, gens)):
-        first = wr.parse_pairwise(texts[k * step])
-        second = wr.parse_pairwise(texts[k * step + 1]) if both_orders else None
-        p = wr.preference(first, second)
-        prefs.append(p)
-        rows.append({"item_id": it["item_id"], "response": g.text, "verdict_model_first": first,
-                     "verdict_model_second": second, "preference": p,
-                     "len_model": len(g.text), "len_reference": len(it["reference"] or "")})
-    metrics = wr.win_rates(prefs)
-    verdicts = [v for r in rows for v in (r["verdict_model_first"], r["verdict_model_second"])
-                if v is not None]
-    metrics["judge_first_position_share"] = sum(v == 1 for v in verdicts) / max(len(verdicts), 1)
-    lc = wr.length_controlled_win_rate(prefs, [r["len_model"] for r in rows],
-                                       [r["len_reference"] for r in rows])
-    metrics.update({"lc_win_rate": lc["lc_win_rate"], "length_coef": lc["length_coef"],
-                    "avg_len_model": sum(r["len_model"] for r in rows) / len(rows),
-                    "avg_len_reference": sum(r["len_reference"] for r in rows) / len(rows)})
-    return metrics, rows
-
-
-def score_aspects(judge, items: list[dict], gens: list[Generation], max_tokens: int) -> tuple[dict, list[dict]]:
-    """Mean 1-5 score per aspect (helpfulness, clarity, factuality, depth, engagement)."""
-    from finelake.models.base import GenerationRequest
-
-    reqs = [GenerationRequest(wr.aspect_messages(it["prompt"], g.text), max_tokens=max_tokens,
-                              json_schema=wr.ASPECT_SCHEMA) for it, g in zip(items, gens)]
-    texts = _judge_texts(judge, reqs)
-    rows, metrics = [], {}
-    for it, g, t in zip(items, gens, texts):
-        rows.append({"item_id": it["item_id"], "response": g.text, **wr.parse_aspects(t), "raw": t})
-    means = []
-    for a in wr.ASPECTS:
-        vals = [r[a] for r in rows if r[a] is not None]
-        if vals:
-            metrics[a] = sum(vals) / len(vals)
-            metrics[f"n_{a}"] = float(len(vals))
-            means.append(metrics[a])
-    if means:
-        metrics["mean"] = sum(means) / len(means)
-    return metrics, rows
-
-
-def score_mt_bench(judge, items: list[dict], gens: list[Generation]) -> tuple[dict, list[dict]]:
-    """Mean 1-10 single-answer grade of the first turns."""
-    from finelake.models.base import GenerationRequest
-
-    reqs = [GenerationRequest(wr.grade_messages(it["prompt"], g.text), max_tokens=3,
-                              regex=wr.GRADE_REGEX) for it, g in zip(items, gens)]
-    texts = _judge_texts(judge, reqs)
-    rows = [{"item_id": it["item_id"], "response": g.text, "grade": wr.parse_grade(t)}
-            for it, g, t in zip(items, gens, texts)]
-    grades = [r["grade"] for r in rows if r["grade"] is not None]
-    metrics = {"score": sum(grades) / len(grades), "n": float(len(grades))} if grades else {}
-    return metrics, rows
-
-
-def next_token_logits(model, prompt_ids: list[int], output_ids: list[int]):
-    """``[T, V]`` logits that predicted each of ``output_ids`` after ``prompt_ids`` (float32, CPU)."""
-    import torch
-
-    seq = torch.tensor([prompt_ids + output_ids], device=model.device)
-    with torch.no_grad():
-        logits = model(input_ids=seq).logits[0]
-    p = len(prompt_ids)
-    return logits[p - 1:p - 1 + len(output_ids)].float().cpu()
-
-
-def token_shift(tuned: ModelUnderTest, base: ModelUnderTest, gens: list[Generation],
-                top_k: int = 20) -> Optional[dict]:
-    """Token distribution shift of ``tuned`` from ``base`` along ``tuned``'s greedy responses
-    (:func:`finelake.method.token_shift.summarize`); None when every response was empty.
-
-    Raises:
-        FinelakeError: the two tokenizers differ (positions would not correspond).
-    """
-    if tuned.tokenizer.get_vocab() != base.tokenizer.get_vocab():
-        raise FinelakeError(f"token_shift: {tuned.label} and {base.label} have different tokenizers")
-    results = []
-    for g in gens:
-        if not g.output_ids:
-            continue
-        t = next_token_logits(tuned.model, g.prompt_ids, g.output_ids)
-        b = next_token_logits(base.model, g.prompt_ids, g.output_ids)
-        results.append(tsm.position_shift(t, b, g.output_ids))
-    if not results:
-        return None
-    return tsm.summarize(results, decode=lambda i: tuned.tokenizer.decode([i]), top_k=top_k)
 
 
 # ----------------------------------------------------------------------------- the job

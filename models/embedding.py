@@ -53,6 +53,7 @@ import numpy as np
 from finelake.config import ModelConfig
 from finelake.method.pooling import check_params, gaussian_pool
 from finelake.models.base import EmbeddingBackend, get_embedder_class, register_embedder
+from finelake.models.prefetch import Prefetch as _Prefetch
 from finelake.models.resolve import hf_path
 
 log = logging.getLogger(__name__)
@@ -378,60 +379,6 @@ class SentenceTransformersEmbedder(EmbeddingBackend):
         self.stats["tokens"] += tokens
         self.stats["seconds"] += time.perf_counter() - t0
         return out
-
-
-class _Prefetch:
-    """Runs a generator in a daemon thread, ``depth`` items ahead of the consumer.
-
-    The Rust tokenizer releases the GIL while it encodes and CUDA kernels run asynchronously, so
-    host work for batch i+1 overlaps the forward pass of batch i. An exception in the producer is re-raised in the consumer at the item
-    where it happened; :meth:`close` (or the consumer stopping early) stops the producer.
-    """
-
-    _END = object()
-
-    def __init__(self, gen, depth: int = 2):
-        import queue
-        import threading
-
-        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._gen = gen
-        self._thread = threading.Thread(target=self._work, name="finelake-embed-prefetch", daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _work(self) -> None:
-        try:
-            for item in self._gen:
-                if not self._put((True, item)):
-                    return
-            self._put((True, self._END))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._put((False, exc))
-
-    def __iter__(self):
-        while True:
-            ok, item = self._q.get()
-            if not ok:
-                raise item
-            if item is self._END:
-                return
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 _POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",

@@ -44,7 +44,6 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import os
 import threading
 from collections import deque
 from typing import Any, Optional
@@ -53,137 +52,11 @@ import numpy as np
 
 from finelake.models.base import (GenerationBackend, GenerationRequest, GenerationResult,
                                   register_generator)
-from finelake.models.generation import check_request, error_result, require, run_isolated
+from finelake.models.generation import check_request, error_result, run_isolated
+from finelake.models.llama_cpp_grammar import regex_to_gbnf, schema_to_gbnf
+from finelake.models.llama_cpp_load import PIP_HINT  # noqa: F401 (importable from here, as before)
+from finelake.models.llama_cpp_load import ROW_BY_ROW_FTYPES, load_llama_cpp, requantized_gguf
 from finelake.models.resolve import gguf_path
-
-PIP_HINT = "pip install llama-cpp-python==0.3.36 (or pip install 'finelake[models]')"
-
-
-MAX_ENUM_RANGE = 256
-
-
-def _integer_ranges_as_enums(node: Any) -> Any:
-    """Copy of a JSON schema where ``{"type": "integer", "minimum": a, "maximum": b}`` with at most
-    :data:`MAX_ENUM_RANGE` values becomes ``{"enum": [a, ..., b]}``: llama-cpp-python's schema
-    converter ignores numeric bounds, an enum it enforces."""
-    if isinstance(node, list):
-        return [_integer_ranges_as_enums(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _integer_ranges_as_enums(v) for k, v in node.items()}
-    if out.get("type") == "integer" and "enum" not in out:
-        lo = out.get("minimum")
-        hi = out.get("maximum")
-        if "exclusiveMinimum" in out and isinstance(out["exclusiveMinimum"], (int, float)):
-            lo = math.floor(out["exclusiveMinimum"]) + 1
-        if "exclusiveMaximum" in out and isinstance(out["exclusiveMaximum"], (int, float)):
-            hi = math.ceil(out["exclusiveMaximum"]) - 1
-        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) \
-                and 0 <= hi - lo < MAX_ENUM_RANGE:
-            for k in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-                out.pop(k, None)
-            out["enum"] = list(range(math.ceil(lo), math.floor(hi) + 1))
-    return out
-
-
-def schema_to_gbnf(schema: dict) -> str:
-    """llama.cpp grammar (GBNF text, root rule ``root``) accepting JSON that matches ``schema``.
-
-    Uses llama-cpp-python's converter (types, properties/required, enum/const, anyOf/oneOf, $ref,
-    string ``pattern``/``minLength``/``maxLength``, array ``minItems``/``maxItems``). It does not
-    enforce numeric bounds; integer ranges of up to :data:`MAX_ENUM_RANGE` values are enforced by
-    rewriting them as enums, wider numeric bounds are not enforced.
-
-    Raises:
-        ImportError: llama-cpp-python is missing.
-        ValueError / KeyError / AssertionError: a schema construct the converter does not support.
-    """
-    require("llama_cpp", PIP_HINT, "llama_cpp")
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    return json_schema_to_gbnf(json.dumps(_integer_ranges_as_enums(schema)))
-
-
-def regex_to_gbnf(pattern: str) -> str:
-    """llama.cpp grammar (GBNF text) accepting exactly the strings that fully match ``pattern``.
-
-    Supports the regex subset of llama.cpp's JSON-schema ``pattern`` converter (literals, classes,
-    groups, alternation, ``? * + {m,n}``, ``.``); ``^``/``$`` anchors are implied.
-
-    Raises:
-        AssertionError / ValueError: unsupported regex syntax.
-    """
-    require("llama_cpp", PIP_HINT, "llama_cpp")
-    from llama_cpp.llama_grammar import SchemaConverter
-
-    conv = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=True)
-    p = pattern if pattern.startswith("^") else "^" + pattern
-    p = p if p.endswith("$") else p + "$"
-    conv._visit_pattern(p, "root")
-    return conv.format_grammar()
-
-
-REQUANTIZE_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-                    "f16": "LLAMA_FTYPE_MOSTLY_F16"}
-# GGUF general.file_type values whose matrices llama.cpp's CPU backend multiplies row by row (no
-# batched gemm kernel): Q4_1, Q5_0, Q5_1. "auto" requantizes these to Q8_0.
-_ROW_BY_ROW_FTYPES = {3, 8, 9}
-
-
-def _llama_cpp():
-    """The ``llama_cpp`` module, after checking that this CPU has every instruction set the
-    library was compiled with (:func:`finelake.cpu.check_llama_cpp_cpu`).
-
-    Raises:
-        ImportError: llama-cpp-python is missing (the message has the pip line).
-        finelake.cpu.UnsupportedCPU: the build needs instruction sets this CPU lacks (named).
-    """
-    from finelake.cpu import check_llama_cpp_cpu
-
-    lc = require("llama_cpp", PIP_HINT, "llama_cpp")
-    check_llama_cpp_cpu()
-    return lc
-
-
-def requantized_gguf(src: str, qtype: str) -> str:
-    """``src`` converted by llama.cpp (``llama_model_quantize``, requantizing allowed) to ``qtype``.
-
-    Made once per machine into ``$FINELAKE_CACHE/gguf/`` under a file lock (concurrent Spark
-    workers convert once); later calls return the cached file.
-
-    Args:
-        src: a GGUF file.
-        qtype: ``q8_0`` (near-lossless from 4/5-bit sources, 1.6x the size of Q4_1), ``q4_0``
-            (lossy), or ``f16``.
-
-    Raises:
-        ValueError: unknown ``qtype``. RuntimeError: llama.cpp failed to convert.
-    """
-    if qtype not in REQUANTIZE_TYPES:
-        raise ValueError(f"requantize must be one of {sorted(REQUANTIZE_TYPES)}, not {qtype!r}")
-    lc = _llama_cpp()
-    from filelock import FileLock
-
-    from finelake.models.resolve import cache_dir
-
-    st = os.stat(src)
-    out = cache_dir() / "gguf" / f"{os.path.basename(src)[:-5]}.{st.st_size}.{qtype}.gguf"
-    if out.exists():
-        return str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if out.exists():
-            return str(out)
-        tmp = out.with_name(out.name + ".tmp")
-        params = lc.llama_model_quantize_default_params()
-        params.ftype = getattr(lc, REQUANTIZE_TYPES[qtype])
-        params.allow_requantize = True
-        params.nthread = 1
-        rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0 or not tmp.exists():
-            raise RuntimeError(f"llama.cpp could not requantize {src} to {qtype} (code {rc})")
-        os.replace(tmp, out)
-    return str(out)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -245,7 +118,7 @@ class LlamaCppGenerator(GenerationBackend):
             raise ValueError(f"llama_cpp backend: mode must be 'batched' or 'simple', not {mode!r}")
         super().__init__(model, n_ctx=n_ctx, n_threads=n_threads, n_parallel=n_parallel,
                          n_batch=n_batch, mode=mode)
-        lc = _llama_cpp()
+        lc = load_llama_cpp()
         from llama_cpp import _internals, _logger
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -253,7 +126,7 @@ class LlamaCppGenerator(GenerationBackend):
         self._lc = lc
         self.source_path = self.path = gguf_path(model)
         if requantize == "auto":
-            requantize = "q8_0" if self._file_type(self.path) in _ROW_BY_ROW_FTYPES else None
+            requantize = "q8_0" if self._file_type(self.path) in ROW_BY_ROW_FTYPES else None
         if requantize:
             self.path = requantized_gguf(self.source_path, requantize)
         self.requantize = requantize
