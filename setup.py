@@ -76,6 +76,8 @@ setup(
         "finelake",
         "finelake.method",
         "finelake.jobs",
+        "finelake.jobs.ingestion",
+        "finelake.jobs.ingestion.readers",
         "finelake.udfs",
         "finelake.models",
         "finelake.conf",
