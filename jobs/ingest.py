@@ -42,10 +42,10 @@ Per input row, in this order:
    hash) was seen earlier is dropped as ``duplicate``; then a row whose id was seen earlier is
    dropped as ``duplicate_id`` (only possible with ``id_field``).
 4. near-duplicates: Spark ML ``MinHashLSH`` on hashed word 5-gram shingles proposes pairs with
-   Jaccard >= ``near_dup_threshold`` (the join's Jaccard is exact on the hashed shingle sets).
-   Rows are then visited in input order and a row is dropped as ``near_duplicate`` when a pair
-   links it to an earlier row that is *kept* (greedy; a chain A~B~C with A and C dissimilar keeps
-   A and C). ``kept_id`` is the earliest such kept row.
+   Jaccard >= ``near_dup_threshold``; the connected components of those pairs are the clusters,
+   resolved in Spark. Each cluster keeps its earliest row in input order and the others are
+   dropped as ``near_duplicate`` with ``kept_id`` that row (a chain A~B~C with A and C
+   dissimilar keeps A only).
 
 Every removed row goes to ``ingest_drops`` with its reason and the id it duplicates. Token counts
 of the accepted rows use the training tokenizer (``tokenizer.model``), loaded once per Python
@@ -206,17 +206,13 @@ def _ingest_one(ctx: StageContext, t: _Target, spec: InputSpec, o: RowOptions, r
         drops += exact
         good = keep(good)
 
-        # 3. near duplicates
+        # 3. near duplicates: clusters resolved in Spark, each keeps its earliest row
         if cfg.near_dup:
-            plan = near_duplicates(spark, good, cfg.near_dup_threshold, cfg.near_dup_hash_tables)
-            plan_df = spark.createDataFrame(
-                [(s, r, k, f"near_duplicate: word-5-gram jaccard {j:.2f} with the kept row")
-                 for s, r, k, j in plan],
-                StructType([StructField("src", StringType()), StructField("row", LongType()),
-                            StructField("kept_id", StringType()), StructField("reason", StringType())]))
-            drops.append(good.join(plan_df, ["src", "row"], "inner").select(*DROP_COLUMNS))
-            good = good.join(plan_df.select("src", "row"), ["src", "row"], "left_anti")
-            step(f"decontaminate, dedup, near-duplicates ({len(plan)} found)")
+            plan = keep(near_duplicates(spark, good, cfg.near_dup_threshold,
+                                        cfg.near_dup_hash_tables, keep))
+            drops.append(plan)
+            good = good.join(plan.select("src", "row"), ["src", "row"], "left_anti")
+        step("decontaminate, dedup, near-duplicates")
 
         # 4. token counts and the table rows
         model = ctx.cfg.tokenizer.model
