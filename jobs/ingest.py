@@ -10,7 +10,8 @@ parts, one concern each (datatrove's layout: readers, filters, dedup, decont):
   :mod:`finelake.jobs.ingestion.readers`;
 * one record into one normalized, validated row (pure): :mod:`finelake.method.records`;
 * decontamination of queries: :mod:`finelake.jobs.ingestion.decontamination`;
-* token counts per partition: :mod:`finelake.jobs.ingestion.annotate`;
+* document quality filters (datatrove's, pure wrapper): :mod:`finelake.method.document_filters`,
+  run per partition by :mod:`finelake.jobs.ingestion.annotate` (with the token counts);
 * exact and near-duplicate removal: :mod:`finelake.jobs.ingestion.dedup`;
 * this module: the order of the steps, the accounting and the writes.
 
@@ -33,11 +34,14 @@ Per input row, in this order:
    input file, location (``line N`` / ``row N`` / ``file``), reason and raw text (first 4,096
    characters). Reason codes: ``wrong_encoding``, ``bad_json``, ``not_an_object``, ``missing``,
    ``wrong_type``, ``empty``, ``too_short``, ``too_long``.
-2. queries only: decontamination against ``ingest.eval_sets`` with
+2. queries: decontamination against ``ingest.eval_sets`` with
    :class:`finelake.method.text.ContaminationIndex` (exact word match, or n-gram share >=
-   threshold, or Tulu 3 coverage of one evaluation prompt >= threshold). It runs before dedup so
-   that every duplicate points at a row that is in the table and every copy of a benchmark
-   prompt counts as contaminated.
+   threshold, or Tulu 3 coverage of one evaluation prompt >= threshold).
+   documents: the quality filters of ``ingest.filters`` (datatrove's Gopher, FineWeb, C4), drop
+   reason ``<filter>:<datatrove reason>``.
+   Both run before dedup so that every duplicate points at a row that is in the table, every
+   copy of a benchmark prompt counts as contaminated and every copy of a rejected document as
+   rejected.
 3. exact dedup in input order (file path, then line/row): a row whose normalized text (content
    hash) was seen earlier is dropped as ``duplicate``; then a row whose id was seen earlier is
    dropped as ``duplicate_id`` (only possible with ``id_field``).
@@ -47,14 +51,15 @@ Per input row, in this order:
    dropped as ``near_duplicate`` with ``kept_id`` that row (a chain A~B~C with A and C
    dissimilar keeps A only).
 
-Every removed row goes to ``ingest_drops`` with its reason and the id it duplicates. Token counts
-of the accepted rows use the training tokenizer (``tokenizer.model``), loaded once per Python
-worker. All writes are insert-only merges on deterministic keys (row ids; quarantine and drop ids
-hash the target, input file, location and content), so a rerun adds no row.
+Every removed row goes to ``ingest_drops`` with its reason and, for duplicates, the id it
+duplicates. Token counts of the accepted rows use the training tokenizer (``tokenizer.model``),
+loaded once per Python worker. All writes are insert-only merges on deterministic keys (row ids;
+quarantine and drop ids hash the target, input file, location and content), so a rerun adds no
+row.
 
 Each table's :class:`~finelake.runtime.StageStats` line carries the invariant, checked in code::
 
-    input rows = accepted + duplicates removed + decontaminated + quarantined
+    input rows = accepted + duplicates removed + decontaminated + quarantined + filtered
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from finelake.config import IngestConfig
-from finelake.jobs.ingestion.annotate import TOKEN_BATCH, with_token_counts
+from finelake.jobs.ingestion.annotate import TOKEN_BATCH, with_filter_reasons, with_token_counts
 from finelake.jobs.ingestion.decontamination import contamination_udf, load_eval_texts
 from finelake.jobs.ingestion.dedup import (
     DROP_COLUMNS,
@@ -77,6 +82,7 @@ from finelake.jobs.ingestion.dedup import (
 )
 from finelake.jobs.ingestion.inputs import InputSpec, resolve_input, sample_path
 from finelake.jobs.ingestion.readers import read_prepared
+from finelake.method.document_filters import FilterSpec, check_filters, filter_specs
 from finelake.method.records import (
     BLANK,
     PREPARED_COLUMNS,
@@ -101,7 +107,7 @@ __all__ = [  # what other modules and the tests import from here, wherever it no
 
 log = logging.getLogger(__name__)
 
-#: Reason codes of ``ingest_drops``.
+#: Reason codes of ``ingest_drops`` other than the quality filters' (``<filter>:<reason>``).
 DROP_REASONS = ("contaminated", "duplicate", "duplicate_id", "near_duplicate")
 
 
@@ -116,42 +122,51 @@ class _Target:
     text_col: str
     keep_paragraphs: bool
     decontaminate: bool
+    quality_filters: bool
 
 
 #: Columns of a well-formed input row on its way through the steps.
 _GOOD_COLUMNS = ("src", "row", "location", "text", "rid", "source", "metadata", "content_id")
 
-_QUERIES = _Target(QUERIES, "query_id", "query", keep_paragraphs=False, decontaminate=True)
-_DOCUMENTS = _Target(DOCUMENTS, "doc_id", "text", keep_paragraphs=True, decontaminate=False)
+_QUERIES = _Target(QUERIES, "query_id", "query", keep_paragraphs=False, decontaminate=True,
+                   quality_filters=False)
+_DOCUMENTS = _Target(DOCUMENTS, "doc_id", "text", keep_paragraphs=True, decontaminate=False,
+                     quality_filters=True)
+
+#: Reason codes that count as duplicates in the invariant.
+_DUPLICATE_CODES = ("duplicate", "duplicate_id", "near_duplicate")
 
 
 def check_invariant(table: str, rows_in: int, accepted: int, dropped: dict[str, int],
                     quarantined: int) -> str:
-    """Check ``input rows = accepted + duplicates removed + decontaminated + quarantined``.
+    """Check ``input rows = accepted + duplicates + decontaminated + quarantined + filtered``.
 
     Args:
         table: target table (for the message).
         rows_in: input rows (blank JSONL lines excluded); ``accepted``: rows written or already
             present; ``dropped``: removed rows by reason code (``contaminated`` is the
-            decontaminated count, every other code a duplicate); ``quarantined``: malformed rows.
+            decontaminated count; ``duplicate``, ``duplicate_id`` and ``near_duplicate`` are
+            duplicates; any other code, ``<filter>:<reason>``, a quality filter's rejection);
+            ``quarantined``: malformed rows.
 
     Returns:
-        The equation as printed, e.g. ``"2000=1956+38+6+0 (input=accepted+...)"``.
+        The equation as printed, e.g. ``"2000=1956+38+6+0+0 (input=accepted+...)"``.
 
     Raises:
         IngestInvariantError: the two sides differ.
     """
     n_cont = dropped.get("contaminated", 0)
-    n_dups = sum(v for k, v in dropped.items() if k != "contaminated")
-    equation = (f"{rows_in}={accepted}+{n_dups}+{n_cont}+{quarantined}"
-                f" (input=accepted+duplicates+decontaminated+quarantined)")
-    if rows_in != accepted + n_dups + n_cont + quarantined:
+    n_dups = sum(v for k, v in dropped.items() if k in _DUPLICATE_CODES)
+    n_filtered = sum(v for k, v in dropped.items() if k != "contaminated" and k not in _DUPLICATE_CODES)
+    equation = (f"{rows_in}={accepted}+{n_dups}+{n_cont}+{quarantined}+{n_filtered}"
+                f" (input=accepted+duplicates+decontaminated+quarantined+filtered)")
+    if rows_in != accepted + n_dups + n_cont + quarantined + n_filtered:
         raise IngestInvariantError(f"ingest {table}: rows do not add up: {equation} is false")
     return equation
 
 
 def _ingest_one(ctx: StageContext, t: _Target, spec: InputSpec, o: RowOptions, rows,
-                index: Optional[ContaminationIndex]) -> StageStats:
+                index: Optional[ContaminationIndex], filters: tuple[FilterSpec, ...]) -> StageStats:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
     from pyspark.sql.types import LongType, StringType, StructField, StructType
@@ -195,11 +210,17 @@ def _ingest_one(ctx: StageContext, t: _Target, spec: InputSpec, o: RowOptions, r
                          .withColumn("kept_id", F.lit(None).cast("string")).select(*DROP_COLUMNS))
             return df.filter(F.col("reason").isNull()).drop("reason")
 
-        # 1. decontamination (queries)
+        # 1. decontamination (queries), quality filters (documents)
         if t.decontaminate and index is not None:
             bc = spark.sparkContext.broadcast(index)
             broadcasts.append(bc)
             good = flag(good.withColumn("reason", contamination_udf(bc, cfg.decontamination_threshold)("text")))
+        if t.quality_filters and filters:
+            text_at = _GOOD_COLUMNS.index("text")
+            verdicts = good.rdd.mapPartitions(lambda it: with_filter_reasons(filters, it, text_at))
+            good = flag(spark.createDataFrame(verdicts, StructType([
+                StructField(c, LongType() if c == "row" else StringType())
+                for c in (*_GOOD_COLUMNS, "reason")])))
 
         # 2. exact duplicates: same normalized text, then same id; the first in input order stays
         good, exact = exact_duplicates(good, by_id=bool(o.id_field))
@@ -212,7 +233,7 @@ def _ingest_one(ctx: StageContext, t: _Target, spec: InputSpec, o: RowOptions, r
                                         cfg.near_dup_hash_tables, keep))
             drops.append(plan)
             good = good.join(plan.select("src", "row"), ["src", "row"], "left_anti")
-        step("decontaminate, dedup, near-duplicates")
+        step("decontaminate, filter, dedup, near-duplicates")
 
         # 4. token counts and the table rows
         model = ctx.cfg.tokenizer.model
@@ -227,7 +248,9 @@ def _ingest_one(ctx: StageContext, t: _Target, spec: InputSpec, o: RowOptions, r
         step("token counts")
 
         drops_df = keep(functools.reduce(lambda a, b: a.unionByName(b), drops)) if drops else None
-        drop_counts = ({r["code"]: r["n"] for r in drops_df.groupBy(code.alias("code"))
+        # codes: the reason up to ": " (a quality filter's "<filter>:<reason>" is whole)
+        drop_code = F.split(F.col("reason"), ": ").getItem(0)
+        drop_counts = ({r["code"]: r["n"] for r in drops_df.groupBy(drop_code.alias("code"))
                         .agg(F.count(F.lit(1)).alias("n")).collect()} if drops_df is not None else {})
         for k, v in sorted(drop_counts.items()):
             stats.drop(k, v)
@@ -294,7 +317,8 @@ def run_ingest(ctx: StageContext, queries: Optional[str] = None, documents: Opti
     Raises:
         FinelakeError: neither input named; an input or evaluation set is missing or unreadable,
             or a mapped field is not a column of a tabular input (both inputs are checked before
-            anything is written).
+            anything is written); ``ingest.filters`` is set and datatrove or spaCy is missing.
+        ConfigError: ``ingest.filters`` gives an option its datatrove filter does not take.
         IngestInvariantError: the row accounting does not add up (a bug).
     """
     cfg: IngestConfig = ctx.cfg.ingest
@@ -302,6 +326,9 @@ def run_ingest(ctx: StageContext, queries: Optional[str] = None, documents: Opti
     if queries is None and documents is None:
         raise FinelakeError("ingest needs --queries and/or --documents (only the inputs named are "
                             "read; `finelake run` with neither ingests the shipped sample)")
+    filters = filter_specs(cfg.filters) if documents is not None else ()
+    if filters:
+        check_filters(filters)  # names, options and packages, before anything is read
     specs = (resolve_input(spark, queries, "queries") if queries is not None else None,
              resolve_input(spark, documents, "documents") if documents is not None else None)
     index = None
@@ -324,7 +351,7 @@ def run_ingest(ctx: StageContext, queries: Optional[str] = None, documents: Opti
                        keep_paragraphs=t.keep_paragraphs)
         # built (lazily) for both inputs first: a bad field mapping fails before any write
         jobs.append((t, spec, o, read_prepared(spark, ctx.lake, spec, o)))
-    out = [_ingest_one(ctx, t, spec, o, rows, index) for t, spec, o, rows in jobs]
+    out = [_ingest_one(ctx, t, spec, o, rows, index, filters) for t, spec, o, rows in jobs]
     for tdef in (QUERIES, DOCUMENTS, QUARANTINE, INGEST_DROPS):
         if ctx.lake.exists(tdef):
             ctx.lake.register(tdef)
