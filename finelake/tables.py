@@ -83,7 +83,8 @@ INGEST_DROPS = TableDef(
     _schema(("drop_id", S), ("target", S), ("source", S), ("location", S), ("reason", S),
             ("kept_id", S), *LINEAGE),
     key=("drop_id",),
-    description="Well-formed input rows removed as duplicates, near-duplicates or eval contamination.",
+    description="Well-formed input rows removed as duplicates, near-duplicates or eval contamination, "
+                "or documents a quality filter rejected (reason '<filter>:<datatrove reason>').",
 )
 
 GENERICIZATIONS = TableDef(

@@ -299,6 +299,49 @@ def test_parquet_and_delta_inputs_with_field_mapping(spark, tmp_path):
     assert {r["src"] for r in got} == {delta_path} and all(r["reason"] is None for r in got)
 
 
+# ----------------------------------------------------------------------------- document filters
+
+FILTER_DOCS = _sample("documents.jsonl", 506)
+
+
+def test_document_filters_drop_documents_with_their_reasons(spark, tmp_path):
+    """ingest.filters (datatrove's filters): rejected documents go to ingest_drops with the
+    filter's own reason, before dedup (a copy of a rejected document is counted as rejected, not
+    as a duplicate); the invariant holds; queries are never filtered."""
+    pytest.importorskip("datatrove", reason="the 'filters' extra is not installed")
+    D = FILTER_DOCS
+    lines = [_jl(D[0]),    # 1 kept
+             _jl(D[4]),    # 2 gopher_quality:gopher_below_alpha_threshold (figures and units)
+             _jl(D[505]),  # 3 gopher_repetition:duplicated_6_n_grams (census boilerplate)
+             _jl(D[31]),   # 4 fineweb_quality:line_punct_ratio (one line, no end punctuation)
+             _jl(D[4]),    # 5 the same as line 2: rejected again, not a duplicate
+             _jl(D[1])]    # 6 kept
+    dpath, qpath = tmp_path / "docs.jsonl", tmp_path / "q.jsonl"
+    dpath.write_bytes(b"\n".join(lines) + b"\n")
+    qpath.write_bytes(_jl(Q[0]) + b"\n")  # 34 words: gopher_short_doc if it were a document
+    cfg = load_config("local", ["catalog.database=ingest_filters", "ingest.filters=[gopher_repetition, "
+                                "gopher_quality, fineweb_quality]"], lake=str(tmp_path / "lake"))
+    ctx = StageContext(cfg, run_id="test-filters", spark=spark)
+    qs, ds = run_ingest(ctx, queries=str(qpath), documents=str(dpath))
+    assert (qs.rows_in, qs.rows_out, qs.dropped) == (1, 1, {})
+    _check_invariant(ds)
+    assert (ds.rows_in, ds.rows_out) == (6, 2)
+    assert ds.dropped == {"gopher_quality:gopher_below_alpha_threshold": 2,
+                          "gopher_repetition:duplicated_6_n_grams": 1,
+                          "fineweb_quality:line_punct_ratio": 1}
+    assert ds.extra["check"].startswith("6=2+0+0+0+4 ")
+    drops = {r["location"]: (r["reason"], r["kept_id"]) for r in _table(ctx, INGEST_DROPS)}
+    assert drops == {"line 2": ("gopher_quality:gopher_below_alpha_threshold", None),
+                     "line 3": ("gopher_repetition:duplicated_6_n_grams", None),
+                     "line 4": ("fineweb_quality:line_punct_ratio", None),
+                     "line 5": ("gopher_quality:gopher_below_alpha_threshold", None)}
+    counts = spark.sql(f"SELECT reason, count(*) AS n FROM {ctx.lake.sql_name(INGEST_DROPS)} "
+                       "GROUP BY reason").collect()
+    assert {r["reason"]: r["n"] for r in counts} == ds.dropped
+    assert sorted(r["text"] for r in _table(ctx, DOCUMENTS)) == \
+        sorted(normalize_text(D[i]["text"]) for i in (0, 1))  # kept texts as ingested
+
+
 # ----------------------------------------------------------------------------- errors and entry point
 
 

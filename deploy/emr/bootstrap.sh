@@ -12,7 +12,8 @@
 # Arguments (Args of the bootstrap action):
 #   $1  the wheel, an s3:// URI (or a local path / https URL pip can install)
 #   $2  optional: the wheel's extras, comma-separated (default "cluster": transformers,
-#       sentence-transformers, FAISS, vLLM, matplotlib; see setup.py); "" installs the wheel and
+#       sentence-transformers, FAISS, vLLM, matplotlib, datatrove and spaCy for ingest.filters;
+#       see setup.py); "" installs the wheel and
 #       its base requirements only.
 #   $3  optional: a Secrets Manager secret id whose string is a Hugging Face token, for the gated
 #       models of the emr profile (meta-llama tokenizer, Flow Judge); the instance profile must be
