@@ -2,7 +2,7 @@
 
 Every subcommand takes ``--conf PROFILE`` (a YAML path or a packaged profile name), ``--set
 key.path=value`` overrides, ``--lake DIR`` and ``--run-id``. The same commands run under
-``spark-submit jobs/<job>.py --conf conf/<profile>.yaml ...``.
+``spark-submit bin/finelake_job.py <command> --conf conf/<profile>.yaml ...``.
 
 Errors a user can cause (a missing file, a bad config, an unreadable table) end with one line on
 stderr and exit status 1, never a Java stack trace; ``-v`` shows tracebacks.
@@ -18,9 +18,10 @@ from typing import Callable, Optional
 
 import click
 
-from finelake.config import hub_model_ids, load_config
+from finelake.config import hub_model_ids
 from finelake.errors import ConfigError, FinelakeError
 from finelake.runtime import StageContext
+from finelake.validate import load_checked
 
 log = logging.getLogger("finelake")
 
@@ -48,7 +49,7 @@ def _common(f: Callable) -> Callable:
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
-            cfg = load_config(profile, list(overrides), lake=lake)
+            cfg = load_checked(profile, list(overrides), lake=lake)
             if not hub_model_ids(cfg):  # embedded models only: never ask the hub (driver side)
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
             ctx = StageContext(cfg, run_id=run_id)
@@ -390,7 +391,7 @@ def emr_steps(profile, overrides, lake, run_id, wheel, queries, documents, max_q
     from finelake.runtime import new_run_id
 
     try:
-        cfg = load_config(profile, list(overrides), lake=lake)
+        cfg = load_checked(profile, list(overrides), lake=lake)
         steps = deploy.emr_steps(cfg, profile=profile, run_id=run_id or new_run_id(), wheel=wheel,
                                  lake=lake, overrides=overrides, queries=queries,
                                  documents=documents, max_queries=max_queries,

@@ -661,15 +661,17 @@ def _apply(data: dict, parts: list[str], value: Any) -> None:
 
 
 def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[str]] = None,
-                check_models: bool = True, **fields: Any) -> FinelakeConfig:
-    """Load and validate a profile.
+                **fields: Any) -> FinelakeConfig:
+    """Load and validate a profile: its keys and types (pydantic) and the lake's location.
+
+    The commands and jobs load through :func:`finelake.validate.load_checked`, which also checks
+    every model's backend name and options on the driver (they live above this module: the
+    backends are code of :mod:`finelake.models`), so a misspelled option fails there, never on an
+    executor.
 
     Args:
         profile: YAML path or packaged profile name.
         overrides: dotted ``key=value`` strings applied after the file.
-        check_models: also check every model's backend name and options on this (driver)
-            process without loading anything (:func:`finelake.validate.check_backends`), so a
-            misspelled option fails here, not on every executor.
         **fields: top-level values applied last when not None (e.g. ``lake="/tmp/lake"``).
 
     Returns:
@@ -678,9 +680,8 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
     The profile's ``extends`` chain is resolved first (:func:`read_profile`).
 
     Raises:
-        ConfigError: the file is missing or not YAML, ``extends`` is broken or cyclic, a key
-            is unknown or mistyped, or a model's backend or option is (with ``check_models``);
-            the message names the key and the file that sets it.
+        ConfigError: the file is missing or not YAML, ``extends`` is broken or cyclic, or a key
+            is unknown or mistyped; the message names the key and the file that sets it.
     """
     path = profile_path(profile)
     data, files = read_profile(path)
@@ -709,14 +710,12 @@ def load_config(profile: str | os.PathLike = "local", overrides: Optional[list[s
     problem = catalog_location_problem(cfg)
     if problem:
         raise ConfigError(f"{where}: {problem}")
-    if check_models:
-        from finelake.validate import check_backends
-
-        try:
-            check_backends(cfg)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: invalid model settings: {exc}") from None
     return cfg
+
+
+def origin_of(cfg: FinelakeConfig) -> str:
+    """The profile file (and its ``extends`` chain) a loaded config came from, for messages."""
+    return str(cfg.source_file)
 
 
 def hub_model_ids(cfg: FinelakeConfig) -> list[str]:

@@ -17,9 +17,10 @@ import os
 import re
 import shutil
 import tempfile
+from pathlib import Path
 
 __all__ = ["is_uri", "join", "root", "hadoop_fs", "exists", "listdir", "newest_mtime", "remove_tree", "read_text",
-           "write_text", "put_dir", "distribute", "local_copy", "work_dir"]
+           "write_text", "put_dir", "distribute", "local_copy", "work_dir", "cache_dir", "children"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters or more: not a Windows drive
 
@@ -192,6 +193,14 @@ def local_copy(name_or_path: str, distributed: bool) -> str:
     return SparkFiles.get(name_or_path)
 
 
+def cache_dir() -> Path:
+    """finelake's local cache folder (created): ``$FINELAKE_CACHE``, else ``~/.cache/finelake``
+    (converted models, built wheels, files a run writes locally before copying them to a URI)."""
+    d = Path(os.environ.get("FINELAKE_CACHE", Path.home() / ".cache" / "finelake"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def work_dir(dest: str, kind: str) -> str:
     """A local folder to write what ends up at ``dest`` (checkpoints, a model, a report).
 
@@ -203,8 +212,6 @@ def work_dir(dest: str, kind: str) -> str:
     if not is_uri(dest):
         os.makedirs(dest, exist_ok=True)
         return dest
-    from finelake.models.resolve import cache_dir
-
     local = os.path.join(str(cache_dir()), kind, os.path.basename(dest.rstrip("/")))
     os.makedirs(local, exist_ok=True)
     return local

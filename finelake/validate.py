@@ -2,7 +2,8 @@
 the running session (``finelake validate``); with ``--models`` also every model's small files
 (:mod:`finelake.model_contracts`).
 
-:func:`check_backends` runs inside :func:`finelake.config.load_config`, so every job checks its
+:func:`check_backends` runs inside :func:`load_checked`, which every command and job loads its
+profile with, so every job checks its
 models' options on the driver before any executor builds a model: an unknown or misspelled option
 (``models.generator.options.enable_prefix_cachng``) or a value of the wrong type is a
 :class:`~finelake.config.ConfigError` naming the key and the profile file. Nothing is loaded:
@@ -85,6 +86,37 @@ def check_model(key: str, mc: "ModelConfig", kind: str) -> dict[str, Any]:
         raise ValueError(f"{key}.options.{exc.key}: {exc.detail} ({exc.backend} backend)") from None
     except (ValueError, ImportError) as exc:
         raise ValueError(f"{key}.backend: {exc}") from None
+
+
+def load_checked(profile="local", overrides: Optional[list[str]] = None, **fields: Any) -> "FinelakeConfig":
+    """Load a profile (:func:`finelake.config.load_config`) and check, on this (driver) process and
+    without loading anything, every model's backend and options (:func:`check_backends`) and
+    ingest's document filters: what every command and job does before it starts a stage.
+
+    Raises:
+        ConfigError: the profile does not load, or a backend, option or filter is bad (the
+            message names the key and the file).
+    """
+    from finelake.config import load_config
+
+    cfg = load_config(profile, overrides, **fields)
+    _checked_models(cfg)
+    return cfg
+
+
+def _checked_models(cfg: "FinelakeConfig") -> dict[str, dict[str, Any]]:
+    """:func:`check_backends` plus the document filters, problems as one :class:`ConfigError`."""
+    from finelake.errors import ConfigError
+    from finelake.method.document_filters import check_filters, filter_specs
+
+    try:
+        models = check_backends(cfg)
+        check_filters(filter_specs(cfg.ingest.filters))
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.source_file}: {exc}") from None
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"{cfg.source_file}: invalid model settings: {exc}") from None
+    return models
 
 
 def check_backends(cfg: "FinelakeConfig") -> dict[str, dict[str, Any]]:
@@ -256,14 +288,9 @@ def run_validate(profile: str, overrides: Optional[list[str]] = None, lake: Opti
     """
     from finelake.config import load_config
 
-    cfg = load_config(profile, overrides or [], check_models=False, lake=lake)
+    cfg = load_config(profile, overrides or [], lake=lake)
     lines = [f"profile {cfg.profile}: {cfg.source_file}"]
-    try:
-        models = check_backends(cfg)
-    except ValueError as exc:
-        from finelake.config import ConfigError
-
-        raise ConfigError(f"{cfg.source_file}: invalid model settings: {exc}") from None
+    models = _checked_models(cfg)
     for key, s in models.items():
         shown = dict(s["options"])
         if s.get("judge") == "llm":

@@ -39,7 +39,7 @@ instantiation a final judgment (:func:`unready_documents`): a row with status ``
 transient failure the next run retries, :mod:`finelake.faults`) holds its document back; an
 ``error`` row (quarantined) does not.
 
-    spark-submit jobs/budget.py --conf conf/local.yaml
+    spark-submit bin/finelake_job.py budget --conf conf/local.yaml
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Iterator, Optional
 import pandas as pd
 import pyarrow as pa
 
-from finelake.jobs.common import fail_point, job_main, require
+from finelake.jobs.common import fail_point, require
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.stage import Gate, Stage
 from finelake.tables import (BUDGET_LEDGER, DOCUMENTS, INSTANTIATIONS, JUDGMENTS, MATCH_LOG, MATCHES,
@@ -364,11 +364,3 @@ BUDGET = Stage(
     run=lambda ctx, limits: run_budget(ctx),
     gates=(Gate("instantiate", INSTANTIATIONS), Gate("judge", JUDGMENTS)))
 """budget as a stage (:mod:`finelake.stage`): waits while instantiate or judge has rows to retry."""
-
-
-def main(argv=None):
-    job_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    main()

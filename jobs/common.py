@@ -16,8 +16,9 @@ from typing import Iterable, Optional
 
 import pyarrow as pa
 
+from finelake import storage
 from finelake.config import ModelConfig
-from finelake.runtime import FinelakeError, StageContext
+from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import TableDef
 
 log = logging.getLogger(__name__)
@@ -277,10 +278,16 @@ def count_outcomes(stats, df, ok_status: str = "ok") -> None:
             stats.drop(f"{r['status']}:{(r['reason'] or '').split(':')[0]}", r["count"])
 
 
-def job_main(command: str, argv=None) -> None:
-    """``spark-submit jobs/<job>.py ARGS`` entry point: the same as ``finelake <command> ARGS``."""
-    import sys
+def runs_dir(lake_root: str) -> str:
+    """``<lake>/_runs``: where each ``finelake run`` leaves its stage statistics (a path or URI)."""
+    return storage.join(storage.root(lake_root), "_runs")
 
-    from finelake.cli import main as cli_main
 
-    cli_main([command, *(sys.argv[1:] if argv is None else argv)])
+def save_run_stats(ctx: StageContext, stats: list[StageStats]) -> str:
+    """Write this run's stage statistics as JSON under :func:`runs_dir` (through
+    :mod:`finelake.storage`, so an object-store lake works too); returns the file's path or URI."""
+    path = storage.join(runs_dir(ctx.cfg.lake), f"{ctx.run_id}.json")
+    storage.write_text(ctx.spark, path, json.dumps(
+        {"run_id": ctx.run_id, "profile": ctx.cfg.profile, "stages": [s.as_dict() for s in stats]},
+        indent=1, default=str))
+    return path

@@ -20,7 +20,7 @@ continue is a model stage like genericize or instantiate (:data:`CONTINUE`,
 chunks of ``continue.chunk_documents``, a rerun skips documents whose row is final (any status but
 ``retry``), so it adds nothing when the previous run finished.
 
-    spark-submit jobs/continuation.py --conf conf/local.yaml [--max-documents N]
+    spark-submit bin/finelake_job.py continue --conf conf/local.yaml [--max-documents N]
 """
 
 from __future__ import annotations
@@ -261,13 +261,3 @@ def run_continue(ctx: StageContext, max_documents: Optional[int] = None,
     from finelake.jobs.runner import run_model_stage
 
     return run_model_stage(ctx, CONTINUE, Limits(max_documents=max_documents))
-
-
-def main(argv=None):
-    from finelake.jobs.common import job_main
-
-    job_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -321,11 +321,3 @@ def _kl_figure(shift: dict, label: str):
     ax.set_title(f"{label}: token distribution shift")
     fig.tight_layout()
     return fig
-
-
-if __name__ == "__main__":  # spark-submit jobs/evaluate.py --conf ... (same options as finelake evaluate)
-    import sys
-
-    from finelake.cli import main
-
-    main(["evaluate", *sys.argv[1:]])

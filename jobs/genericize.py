@@ -21,7 +21,7 @@ HTTP 429/5xx) leaves the row ``retry``; the next run tries it again (its row is 
 The summary counts them (``quarantined=``) and the rows left to retry (``retry=``); ``finelake
 run`` stops before the index while any are left, so templates come from a settled table.
 
-    spark-submit jobs/genericize.py --conf conf/local.yaml [--max-queries N]
+    spark-submit bin/finelake_job.py genericize --conf conf/local.yaml [--max-queries N]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import logging
 
 import pandas as pd
 
-from finelake.jobs.common import (count_outcomes, job_main, limit_ordered, model_label,
+from finelake.jobs.common import (count_outcomes, limit_ordered, model_label,
                                   read_for_keys, require)
 from finelake.jobs.signals import reply_signals
 from finelake.method import prompts, templates
@@ -174,11 +174,3 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
     from finelake.jobs.runner import run_model_stage
 
     return run_model_stage(ctx, GENERICIZE, Limits(max_queries=max_queries))
-
-
-def main(argv=None):
-    job_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ built on the driver in a temporary folder and copied there (:mod:`finelake.stora
 build time and recorded in ``meta.json``. The complexity weights match samples with are computed
 once per version and stored beside it (``weights.json``, :func:`index_weights`).
 
-    spark-submit jobs/index.py --conf conf/local.yaml
+    spark-submit bin/finelake_job.py index --conf conf/local.yaml
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Optional
 
 from finelake import storage
 from finelake.jobs.chunks import spread
-from finelake.jobs.common import job_main, limit_ordered, require
+from finelake.jobs.common import limit_ordered, require
 from finelake.resources import MODEL_STAGE, model_worker_pool, plan_stage
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.stage import Gate, Stage
@@ -321,11 +321,3 @@ INDEX = Stage(
     run=lambda ctx, limits: run_index(ctx),
     gates=(Gate("genericize", GENERICIZATIONS),))
 """index as a stage (:mod:`finelake.stage`): waits while genericize has rows to retry."""
-
-
-def main(argv=None):
-    job_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    main()

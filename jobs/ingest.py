@@ -101,7 +101,7 @@ from finelake.tables import DOCUMENTS, INGEST_DROPS, QUARANTINE, QUERIES, TableD
 __all__ = [  # what other modules and the tests import from here, wherever it now lives
     "BLANK", "DROP_REASONS", "MINHASH_SEED", "NUM_FEATURES", "PREPARED_COLUMNS", "RAW_MAX_CHARS",
     "TOKEN_BATCH", "IngestInvariantError", "InputSpec", "RowOptions", "check_invariant",
-    "load_eval_texts", "main", "near_duplicates", "prepare_file", "prepare_line", "prepare_record",
+    "load_eval_texts", "near_duplicates", "prepare_file", "prepare_line", "prepare_record",
     "prepare_tabular", "read_prepared", "resolve_input", "run_ingest", "sample_path",
     "with_token_counts",
 ]
@@ -366,14 +366,3 @@ INGEST = Stage(
     reads=(), writes=(QUERIES, DOCUMENTS, QUARANTINE, INGEST_DROPS),
     run=lambda ctx, limits, **inputs: run_ingest(ctx, **inputs), options=("inputs",))
 """ingest as a stage (:mod:`finelake.stage`)."""
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """``spark-submit jobs/ingest.py --conf conf/local.yaml [--queries PATH ...]``: the CLI's ingest."""
-    from finelake.jobs.common import job_main
-
-    job_main("ingest", argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

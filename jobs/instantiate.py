@@ -25,7 +25,7 @@ Work is committed ``instantiate.chunk_documents`` documents at a time; a rerun s
 pairs (any status but ``retry``), so a killed run resumes and ends with the same rows as an
 uninterrupted one (greedy decoding).
 
-    spark-submit jobs/instantiate.py --conf conf/local.yaml
+    spark-submit bin/finelake_job.py instantiate --conf conf/local.yaml
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Optional
 
 import pandas as pd
 
-from finelake.jobs.common import (count_outcomes, job_main, limit_ordered, model_label,
+from finelake.jobs.common import (count_outcomes, limit_ordered, model_label,
                                   read_for_keys, require, stable_hash)
 from finelake.jobs.signals import reply_signals
 from finelake.method import prompts
@@ -178,11 +178,3 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
     from finelake.jobs.runner import run_model_stage
 
     return run_model_stage(ctx, INSTANTIATE, Limits(max_documents=max_documents))
-
-
-def main(argv=None):
-    job_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -19,7 +19,7 @@ rows are copied to ``quarantine`` (target ``judgments``, source ``judge``). The 
 kept pairs as output, scored pairs under the minimum as ``judge_score<min``, errors as
 ``error:judge_error``, rows left to retry as ``retry:judge_error`` (and ``retry=``).
 
-    spark-submit jobs/judge.py --conf conf/local.yaml
+    spark-submit bin/finelake_job.py judge --conf conf/local.yaml
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import logging
 
 import pandas as pd
 
-from finelake.jobs.common import job_main, read_for_keys, require
+from finelake.jobs.common import read_for_keys, require
 from finelake.runtime import StageContext, StageStats
 from finelake.stage import ChunkSettings, Limits, ModelStage
 from finelake.tables import INSTANTIATIONS, JUDGMENTS
@@ -139,11 +139,3 @@ def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     from finelake.jobs.runner import run_model_stage
 
     return run_model_stage(ctx, JUDGE, Limits())
-
-
-def main(argv=None):
-    job_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ so a rerun skips it and the funnel accounts for it. A chunk killed between its t
 rebuilt with the same documents, partitions and order, so it samples the same templates and the
 insert-only ``matches`` merge adds nothing.
 
-    spark-submit jobs/match.py --conf conf/local.yaml [--max-documents N]
+    spark-submit bin/finelake_job.py match --conf conf/local.yaml [--max-documents N]
 
 ``finelake calibrate`` (:mod:`finelake.jobs.calibrate`) measures retrieval on a lake's documents.
 """
@@ -29,7 +29,7 @@ from typing import Optional
 
 import pandas as pd
 
-from finelake.jobs.common import job_main, limit_ordered, read_for_keys, require
+from finelake.jobs.common import limit_ordered, read_for_keys, require
 from finelake.jobs.index import index_slots, index_weights, latest_index, stored_weights
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.stage import ChunkSettings, Limits, ModelStage
@@ -200,11 +200,3 @@ def run_match(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
     from finelake.jobs.runner import run_model_stage
 
     return run_model_stage(ctx, MATCH, Limits(max_documents=max_documents))
-
-
-def main(argv=None):
-    job_main(STAGE, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -13,17 +13,15 @@ holds (``index`` while genericize left rows to retry, ``budget`` while instantia
 without faults. Stage statistics of the run are saved to ``<lake>/_runs/<run_id>.json`` for
 ``finelake report``.
 
-    spark-submit jobs/pipeline.py --conf conf/local.yaml          # = finelake run
+    spark-submit bin/finelake_job.py run --conf conf/local.yaml          # = finelake run
 """
 
 from __future__ import annotations
 
-import json
 from typing import Optional, Union
 
-from finelake import storage
 from finelake.jobs.budget import BUDGET
-from finelake.jobs.common import job_main
+from finelake.jobs.common import save_run_stats
 from finelake.jobs.continuation import CONTINUE
 from finelake.jobs.gates import GateHeld
 from finelake.jobs.genericize import GENERICIZE
@@ -48,21 +46,6 @@ STAGES: dict[str, Union[Stage, ModelStage]] = {s.name: s for s in PIPELINE}
 def run_order() -> tuple[Union[Stage, ModelStage], ...]:
     """The stages of ``finelake run`` and of the scheduled pipeline, in order."""
     return tuple(s for s in PIPELINE if s.in_run)
-
-
-def runs_dir(lake_root: str) -> str:
-    """``<lake>/_runs``: where each ``finelake run`` leaves its stage statistics (a path or URI)."""
-    return storage.join(storage.root(lake_root), "_runs")
-
-
-def save_run_stats(ctx: StageContext, stats: list[StageStats]) -> str:
-    """Write this run's stage statistics as JSON under :func:`runs_dir` (through
-    :mod:`finelake.storage`, so an object-store lake works too); returns the file's path or URI."""
-    path = storage.join(runs_dir(ctx.cfg.lake), f"{ctx.run_id}.json")
-    storage.write_text(ctx.spark, path, json.dumps(
-        {"run_id": ctx.run_id, "profile": ctx.cfg.profile, "stages": [s.as_dict() for s in stats]},
-        indent=1, default=str))
-    return path
 
 
 def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=None,
@@ -151,11 +134,3 @@ def _require_ingested_rows(ctx: StageContext, ingested: list[StageStats]) -> Non
         raise FinelakeError(
             f"table {tdef.name} at {ctx.lake.path(tdef)} has no row: {why}; the quarantine table "
             f"says why per row; if the text is in another field, name it with {flag}")
-
-
-def main(argv=None):
-    job_main("run", argv)
-
-
-if __name__ == "__main__":
-    main()

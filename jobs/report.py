@@ -71,7 +71,7 @@ def funnel(lake: Lake) -> list[tuple[str, int]]:
 
 
 def _latest_run(lake_root: str, spark=None) -> Optional[dict]:
-    from finelake.jobs.pipeline import runs_dir
+    from finelake.jobs.common import runs_dir
 
     d = runs_dir(lake_root)
     names = [n for n in storage.listdir(spark, d) if n.endswith(".json")]

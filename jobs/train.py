@@ -542,11 +542,3 @@ def _log_run_inputs(cfg, ctx, ts: TrainingSet, method, budget, budget_reason, lr
                      tags={"table": ts.table, "version": str(ts.version),
                            "rows": str(len(ts.examples)), "tokens": str(ts.tokens),
                            "generating_run_ids": runs[:250]})
-
-
-if __name__ == "__main__":  # spark-submit jobs/train.py --conf ... (same options as finelake train)
-    import sys
-
-    from finelake.cli import main
-
-    main(["train", *sys.argv[1:]])

@@ -58,7 +58,7 @@ def requantized_gguf(src: str, qtype: str) -> str:
     lc = load_llama_cpp()
     from filelock import FileLock
 
-    from finelake.models.resolve import cache_dir
+    from finelake.storage import cache_dir
 
     st = os.stat(src)
     out = cache_dir() / "gguf" / f"{os.path.basename(src)[:-5]}.{st.st_size}.{qtype}.gguf"

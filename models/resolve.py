@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from finelake.errors import FinelakeError
+from finelake.storage import cache_dir  # noqa: F401 - models' caches live there too
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -33,12 +34,6 @@ _EMBEDDED = {
 
 class ModelNotFound(FinelakeError, FileNotFoundError):
     """An embedded model's package is not installed, or a local path does not exist."""
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("FINELAKE_CACHE", Path.home() / ".cache" / "finelake"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def is_embedded(model: str) -> bool:

@@ -111,7 +111,7 @@ def test_index_at_a_uri_is_published_there_and_shipped_to_executors(spark, tmp_p
 
 
 def test_run_statistics_of_a_lake_at_a_uri(spark, tmp_path):
-    from finelake.jobs.pipeline import save_run_stats
+    from finelake.jobs.common import save_run_stats
     from finelake.jobs.report import _latest_run
     from finelake.runtime import StageStats
 

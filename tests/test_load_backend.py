@@ -14,6 +14,7 @@ from finelake.method import prompts
 from finelake.models.base import GenerationRequest
 from finelake.models.generation import create_generator
 from finelake.models.load_backend import LoadEmbedder, LoadEngineDeadError, schema_instance
+from finelake.validate import load_checked
 
 DOC = ("The Rhine rises in the Swiss Alps and flows north to the sea. It passes through six "
        "countries on its way. Barges carry coal, grain and containers along its lower course. "
@@ -99,10 +100,10 @@ def test_packaged_profiles_refuse_the_load_backend(tmp_path):
     for name in available_profiles():
         if name == "load-test":
             continue
-        cfg = load_config(name, check_models=False)
+        cfg = load_config(name)
         assert not cfg.load_test
         p = tmp_path / f"{name}-load.yaml"
         p.write_text(f"extends: {name}\nmodels:\n  judge:\n    backend: llm\n    model: load\n"
                      "    options: {inner_backend: load, format: json}\n")
         with pytest.raises(ConfigError, match=r"models.judge.options.inner_backend: 'load' is the synthetic"):
-            load_config(str(p))
+            load_checked(str(p))

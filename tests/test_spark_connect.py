@@ -16,4 +16,4 @@ def test_spark_connect_session_is_named(spark):
     assert is_spark_connect(connect_like) and not is_spark_connect(spark)
     for profile in ("databricks", "local"):
         with pytest.raises(RuntimeError, match="Spark Connect session.*dedicated"):
-            delta_engine(load_config(profile, check_models=False), connect_like)
+            delta_engine(load_config(profile), connect_like)

@@ -1,4 +1,4 @@
-"""Driver-side profile checks: ``finelake validate``, backend option checks in load_config, the
+"""Driver-side profile checks: ``finelake validate``, backend option checks in load_checked, the
 Spark settings against a running session. No model is loaded anywhere here."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from finelake.cli import cli
 from finelake.config import ConfigError, available_profiles, load_config
+from finelake.validate import load_checked
 from finelake.models.base import OptionError
 from finelake.validate import session_mismatches, spark_conf_problems
 
@@ -51,12 +52,13 @@ def test_misspelled_generator_option_exits_nonzero_and_names_it(tmp_path):
 
 
 def test_every_job_rejects_the_same_profile_on_the_driver(tmp_path):
-    """load_config (every job's first step) checks backend options; nothing reaches an executor."""
+    """load_checked (every command's and job's first step) checks backend options; nothing reaches
+    an executor. load_config alone checks keys and types only (it sits below the backends)."""
     path = _profile_with(tmp_path, "extends: databricks\ngenericize:\n  model:\n    options:\n"
                                    "      engine_args: {max_num_seq: 8}\n")
     with pytest.raises(ConfigError, match=r"genericize\.model\.options\.engine_args\.max_num_seq"):
-        load_config(path)
-    assert load_config(path, check_models=False).genericize.model.options["engine_args"]
+        load_checked(path)
+    assert load_config(path).genericize.model.options["engine_args"]
 
 
 @pytest.mark.parametrize("override,key", [
@@ -74,10 +76,10 @@ def test_bad_settings_are_named(override, key):
 
 def test_relevance_judge_cuts_and_embedder_options_checked():
     with pytest.raises(ConfigError, match=r"models\.judge\.options\.cuts"):
-        load_config("local", ["models.judge.options.cuts=[0.5, 0.2, 0.3, 0.9]"])
+        load_checked("local", ["models.judge.options.cuts=[0.5, 0.2, 0.3, 0.9]"])
     with pytest.raises(ConfigError, match=r"models\.judge\.options\.devise"):
-        load_config("local", ["models.judge.options.devise=cpu"])
-    load_config("local", ["models.judge.options.cuts=[0.1, 0.2, 0.3, 0.4]"])
+        load_checked("local", ["models.judge.options.devise=cpu"])
+    load_checked("local", ["models.judge.options.cuts=[0.1, 0.2, 0.3, 0.4]"])
 
 
 def test_vllm_accepts_engine_args_names_and_rejects_others():
@@ -107,7 +109,7 @@ def test_print_gives_yaml_that_loads_back_to_the_same_profile(tmp_path, no_sessi
 
 
 def test_spark_conf_contradictions_are_reported():
-    cfg = load_config("databricks", check_models=False)
+    cfg = load_config("databricks")
     assert spark_conf_problems(cfg) == []
     cfg.spark.conf = {**cfg.spark.conf, "spark.task.cpus": "16",
                       "spark.executor.resource.gpu.amount": "0"}
@@ -117,7 +119,7 @@ def test_spark_conf_contradictions_are_reported():
 
 
 def test_static_settings_that_differ_in_the_running_session_are_reported(spark):
-    cfg = load_config("local", check_models=False)
+    cfg = load_config("local")
     cfg.spark.conf = {"spark.executor.cores": "8",                 # static, not in the session
                       "spark.task.resource.gpu.amount": "1",       # static, not in the session
                       "spark.sql.shuffle.partitions": "7",         # runtime: get_spark sets it

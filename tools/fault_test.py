@@ -179,12 +179,13 @@ def child(lake: str, settings: list[str], queries: int, documents: int) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from finelake.config import load_config
     from finelake.jobs.pipeline import run_stages
     from finelake.runtime import StageContext
     from finelake.stage import Limits
 
-    ctx = StageContext(load_config("load-test", settings, lake=lake))
+    from finelake.validate import load_checked
+
+    ctx = StageContext(load_checked("load-test", settings, lake=lake))
     ctx.spark.sparkContext.setLogLevel("ERROR")
     run_stages(ctx, [], Limits(max_queries=queries, max_documents=documents))
     return 0
