@@ -104,17 +104,6 @@ def score_mt_bench(judge, items: list[dict], gens: list[Generation]) -> tuple[di
     return metrics, rows
 
 
-def next_token_logits(model, prompt_ids: list[int], output_ids: list[int]):
-    """``[T, V]`` logits that predicted each of ``output_ids`` after ``prompt_ids`` (float32, CPU)."""
-    import torch
-
-    seq = torch.tensor([prompt_ids + output_ids], device=model.device)
-    with torch.no_grad():
-        logits = model(input_ids=seq).logits[0]
-    p = len(prompt_ids)
-    return logits[p - 1:p - 1 + len(output_ids)].float().cpu()
-
-
 def token_shift(tuned: ModelUnderTest, base: ModelUnderTest, gens: list[Generation],
                 top_k: int = 20) -> Optional[dict]:
     """Token distribution shift of ``tuned`` from ``base`` along ``tuned``'s greedy responses
@@ -129,8 +118,8 @@ def token_shift(tuned: ModelUnderTest, base: ModelUnderTest, gens: list[Generati
     for g in gens:
         if not g.output_ids:
             continue
-        t = next_token_logits(tuned.model, g.prompt_ids, g.output_ids)
-        b = next_token_logits(base.model, g.prompt_ids, g.output_ids)
+        t = tuned.generator.next_token_logits(g.prompt_ids, g.output_ids)
+        b = base.generator.next_token_logits(g.prompt_ids, g.output_ids)
         results.append(tsm.position_shift(t, b, g.output_ids))
     if not results:
         return None

@@ -16,10 +16,10 @@ What it implements (seed papers):
   its tokens the base model ranks below first (shifted), and the most frequent shifted tokens
   (:mod:`finelake.method.token_shift`).
 
-Generation is greedy (``transformers`` ``generate``) with the model's own template: the
-``Instruction: {prompt}\\n\\nAnswer:`` training template for models finelake trained (and models
-with no chat template, as §4.3 does for standard pre-training), the tokenizer's chat template
-otherwise (``evaluate.prompt_format`` forces one).
+Generation is greedy, on the ``transformers`` backend (:mod:`finelake.jobs.eval_models`),
+with the model's own template: the ``Instruction: {prompt}\\n\\nAnswer:`` training template for
+models finelake trained (and models with no chat template, as §4.3 does for standard
+pre-training), the tokenizer's chat template otherwise (``evaluate.prompt_format`` forces one).
 
 The evaluation items are loaded from the files shipped in :mod:`finelake.sample` into the
 ``eval_sets`` Delta table; results go to MLflow (params, ``<benchmark>.<metric>`` metrics, per-item
@@ -50,8 +50,8 @@ from finelake.jobs.common import arrow_from_rows, model_label
 # The model and the scoring live in their own modules; their names are importable from here too.
 from finelake.jobs.eval_models import (STOP_STRINGS, Generation, ModelUnderTest,  # noqa: F401
                                        generate, load_model, render_prompts, resolve_model_path)
-from finelake.jobs.eval_scoring import (next_token_logits, score_alpacaeval,  # noqa: F401
-                                        score_aspects, score_ifeval, score_mt_bench, token_shift)
+from finelake.jobs.eval_scoring import (score_alpacaeval, score_aspects,  # noqa: F401
+                                        score_ifeval, score_mt_bench, token_shift)
 from finelake.jobs.train import data_lake, read_table, setup_mlflow
 from finelake.method import ifeval as ifm
 from finelake.runtime import FinelakeError, StageContext, StageStats
@@ -223,7 +223,7 @@ def run_evaluate(ctx: StageContext, model: Optional[str] = None, base: Optional[
             else:
                 bm = load_model(ctx, base_uri, prompt_format=mut.prompt_format)
                 shift = token_shift(mut, bm, a_gens, ec.shift_top_k)
-                del bm
+                bm.close()
                 if shift is None:
                     log.warning("token_shift skipped: %s generated no tokens", mut.label)
                 else:

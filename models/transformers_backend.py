@@ -125,6 +125,8 @@ class TransformersGenerator(GenerationBackend):
         gen_eos = self.model.generation_config.eos_token_id
         eos = gen_eos if gen_eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        if self.tokenizer.eos_token_id is not None:  # the tokenizer's too, if the config has others
+            self.eos_ids.add(self.tokenizer.eos_token_id)
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self._gen_config_cls = transformers.GenerationConfig
         self._xgr = None
@@ -238,6 +240,84 @@ class TransformersGenerator(GenerationBackend):
                 prompt_tokens=int(n_prompt[row]), completion_tokens=len(toks),
                 finish_reason=finish, request_id=r.request_id))
         return results
+
+    # -------------------------------------------------------------- token-level access
+
+    def generate_tokens(self, prompts: list[list[int]], max_new_tokens: int,
+                        batch_size: Optional[int] = None) -> list[list[int]]:
+        """Greedy continuations of prompts given as token ids: no chat template is applied, so a
+        caller can use its own prompt format (``finelake evaluate`` prompts models trained on the
+        §4.2 template with that template), and the generated ids come back (its token-shift
+        measure needs them).
+
+        Prompts are sorted by length (stable) and run ``batch_size`` at a time, left-padded with
+        the pad token, greedy, under the model's own generation config otherwise.
+
+        Args:
+            prompts: the token ids of each prompt, special tokens included as the caller wants.
+            max_new_tokens: generation limit per prompt, in tokens (>= 1).
+            batch_size: prompts per ``model.generate`` call (default: the backend's ``batch_size``).
+
+        Returns:
+            One list of generated token ids per prompt, same order: up to the first
+            end-of-sequence token (excluded), at most ``max_new_tokens`` long.
+
+        Raises:
+            ValueError: ``max_new_tokens`` or ``batch_size`` < 1, or an empty prompt.
+        """
+        torch = self._torch
+        size = int(batch_size or self.batch_size)
+        if int(max_new_tokens) < 1 or size < 1:
+            raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, "
+                             f"{size}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: nothing to continue")
+        cfg = self._gen_config_cls(
+            max_new_tokens=int(max_new_tokens), do_sample=False, temperature=None, top_p=None,
+            top_k=None, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
+        out: list[list[int]] = [[] for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(order), size):
+                batch = order[start:start + size]
+                width = max(len(prompts[i]) for i in batch)
+                ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
+                    mask[row, width - len(prompts[i]):] = 1
+                gen = self.model.generate(input_ids=ids.to(self.device),
+                                          attention_mask=mask.to(self.device),
+                                          generation_config=cfg)
+                for row, i in enumerate(batch):
+                    new = gen[row, width:].tolist()
+                    cut = next((k for k, t in enumerate(new) if t in self.eos_ids), len(new))
+                    out[i] = new[:cut]
+        return out
+
+    def next_token_logits(self, prompt_ids: list[int], output_ids: list[int]):
+        """The logits with which the model predicts each of ``output_ids`` after ``prompt_ids``,
+        teacher-forced in one forward pass (the token-shift measure compares two models' rows).
+
+        Args:
+            prompt_ids: the prompt's token ids (non-empty).
+            output_ids: the continuation's token ids.
+
+        Returns:
+            A float32 CPU ``torch.Tensor`` ``[len(output_ids), vocab]``: row t holds the logits of
+            the next token after ``prompt_ids + output_ids[:t]`` (not normalized).
+
+        Raises:
+            ValueError: ``prompt_ids`` is empty.
+        """
+        torch = self._torch
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty: the first output token has no context")
+        seq = torch.tensor([list(prompt_ids) + list(output_ids)], device=self.device)
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=seq).logits[0]
+        p = len(prompt_ids)
+        return logits[p - 1:p - 1 + len(output_ids)].float().cpu()
 
     def close(self) -> None:
         """Drop the model (and free GPU memory)."""

@@ -69,3 +69,36 @@ def test_bad_requests_are_error_results(gen):
                         _req("word " * 9000, max_tokens=3)])
     assert res[0].error is None and res[0].text is not None
     assert res[1].error and res[2].error and "positions" in res[2].error
+
+
+@pytest.mark.slow
+def test_generate_tokens_gives_each_prompt_its_unpadded_greedy_ids_and_logits_pick_them(gen):
+    """generate_tokens (prompts as ids, sorted by length into one left-padded batch) returns, in
+    input order, the ids transformers' own generate gives each prompt alone and unpadded, cut at
+    the first end-of-sequence token; next_token_logits' argmax is that greedy choice at every
+    position (one teacher-forced pass against step-by-step decoding)."""
+    import torch
+
+    tok = gen.tokenizer
+    prompts = [tok(t)["input_ids"] for t in (
+        "Instruction: Count from one to ten in words, slowly, one number a line.\n\nAnswer:",
+        "Instruction: Name a colour.\n\nAnswer:",
+        "Hello")]
+    got = gen.generate_tokens(prompts, max_new_tokens=8, batch_size=3)
+    assert len(got) == 3 and any(got)
+    for p, out in zip(prompts, got):
+        with torch.no_grad():
+            ref = gen.model.generate(input_ids=torch.tensor([p]),
+                                     attention_mask=torch.ones((1, len(p)), dtype=torch.long),
+                                     max_new_tokens=8, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        stop = next((k for k, t in enumerate(ref) if t == tok.eos_token_id), len(ref))
+        assert out == ref[:stop]
+        if out:
+            logits = gen.next_token_logits(p, out)
+            assert logits.dtype == torch.float32 and logits.shape[0] == len(out)
+            assert logits.argmax(dim=-1).tolist() == out
+    with pytest.raises(ValueError, match="empty prompt"):
+        gen.generate_tokens([[]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        gen.next_token_logits([], [1])
