@@ -66,6 +66,9 @@ def test_local_sql_answers_under_spark_names_and_refuses_writes(lake):
     assert rows.num_rows == 2 and more
     assert q.count("finelake.documents") == 5
     assert q.sql("EXPLAIN SELECT * FROM finelake.documents")[0].num_rows >= 1
+    shown = q.sql("SHOW TABLES")[0].to_pylist()
+    assert {"table_schema": "finelake", "table_name": "documents"}.items() <= next(
+        r for r in shown if r["table_name"] == "documents").items()
     for stmt in ("DELETE FROM finelake.documents", "UPDATE finelake.documents SET text = 'x'",
                  "INSERT INTO finelake.documents (doc_id) VALUES ('z')",
                  "COPY (SELECT 1) TO '/tmp/finelake-local-sql-copy.csv'",

@@ -82,7 +82,9 @@ class Lake(ABC):
         if cls.engine:
             Lake._engines[cls.engine] = cls
 
-    def __new__(cls, root: str, spark=None, engine: Optional[str] = None, *args, **kwargs):
+    def __new__(cls, root: Optional[str] = None, spark=None, engine: Optional[str] = None,
+                *args, **kwargs):
+        # (root optional: copy and pickle call __new__ on the engine's class with no arguments)
         if cls is Lake:
             want = engine or "deltalake"
             if want not in Lake._engines:

@@ -53,11 +53,13 @@ class LocalSQL:
         from deltalake import DeltaTable, QueryBuilder
 
         self.lake = lake
-        # unquoted names fold to lower case, as Spark SQL's are case-insensitive
-        self._qb = QueryBuilder({"datafusion.sql_parser.enable_ident_normalization": "true"})
+        # unquoted names fold to lower case, as Spark SQL's are case-insensitive; SHOW TABLES works
+        self._qb = QueryBuilder({"datafusion.sql_parser.enable_ident_normalization": "true",
+                                 "datafusion.catalog.information_schema": "true"})
+        schema = f"{lake.catalog}.{lake.database}" if lake.catalog else lake.database
         if lake.catalog:
             self._run(f"CREATE DATABASE IF NOT EXISTS {_qualified(lake.catalog)}")
-        self._run(f"CREATE SCHEMA IF NOT EXISTS {_qualified(lake.sql_name('x').rsplit('.', 1)[0])}")
+        self._run(f"CREATE SCHEMA IF NOT EXISTS {_qualified(schema)}")
         self.names: dict[str, int] = {}
         for t in tables:
             path = lake.path(t)
