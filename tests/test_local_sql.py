@@ -5,9 +5,9 @@ reader sees: the snapshot's Parquet files read with pyarrow, in the log's order.
 """
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import delta_snapshot
 from deltalake import DeltaTable
 
 from finelake.lake import Lake, LakeError, read_delta
@@ -18,14 +18,6 @@ from finelake.tables import ALL_TABLES, DOCUMENTS, PAIRS, TEMPLATES
 def _docs(ids, texts, tokens=None):
     return pa.table({"doc_id": ids, "text": texts, "source": ["t"] * len(ids),
                      "num_tokens": tokens if tokens is not None else [len(t or "") for t in texts]})
-
-
-def _snapshot_files(path, version=None):
-    """The snapshot's rows as its Parquet files hold them, file by file in the log's order."""
-    dt = DeltaTable(path, version=version)
-    schema = pa.schema(dt.schema().to_arrow())
-    parts = [pq.read_table(u.replace("file://", "")) for u in dt.file_uris()]
-    return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts]) if parts else schema.empty_table()
 
 
 @pytest.fixture
@@ -40,11 +32,11 @@ def lake(tmp_path):
 def test_read_delta_is_the_snapshot_in_file_order_with_declared_types(lake):
     path = lake.path(DOCUMENTS)
     got = read_delta(path)
-    want = _snapshot_files(path)
+    want = delta_snapshot(path)
     assert got.schema == want.schema and got.schema.field("text").type == pa.string()  # not string_view
     assert got.equals(want)  # same rows, same order: a removed file's old "a" is not there
     assert sorted(got.column("doc_id").to_pylist()) == ["a", "b", "c", "d", "e"]
-    assert read_delta(path, 1).equals(_snapshot_files(path, 1))
+    assert read_delta(path, 1).equals(delta_snapshot(path, 1))
     assert read_delta(path, 1, ["text", "doc_id"]).column_names == ["text", "doc_id"]
     assert read_delta(DeltaTable(path, version=2), columns=["doc_id"]).num_rows == 4
     assert lake.read_arrow(DOCUMENTS).column_names == DOCUMENTS.columns  # key_bucket left out
