@@ -225,7 +225,7 @@ def sql(ctx, query, limit, sql_engine):
 
         lake = Lake(ctx.cfg.lake, None, database=ctx.cfg.catalog.database, catalog=ctx.cfg.catalog.catalog)
         rows, more = LocalSQL(lake, ALL_TABLES.values()).sql(query, limit=limit)
-        click.echo(show_string(rows, more), nl=False)
+        click.echo(show_string(rows, more))  # what Spark's path below prints
         return
     ctx.lake.register_all(ALL_TABLES.values())
     df = ctx.spark.sql(query)

@@ -87,7 +87,7 @@ def test_show_string_prints_like_spark():
         "|  a|   1| true|0.25|" + "y" * 77 + "...|[p, q]|\n"
         "| bb|NULL|false| 2.0|" + " " * 79 + "z|    []|\n"
         "+---+----+-----+----+" + "-" * 80 + "+------+\n"
-        "only showing top 2 rows\n")
+        "only showing top 2 rows")
 
 
 def test_sql_command_picks_the_engine(lake, monkeypatch):

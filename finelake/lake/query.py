@@ -176,7 +176,8 @@ def _cell(v) -> str:
 def show_string(rows: pa.Table, more: bool = False, truncate: int = 80) -> str:
     """``rows`` as Spark's ``DataFrame.show(n, truncate)`` prints them: a ``+---+`` grid, cells
     right-aligned, cells longer than ``truncate`` characters cut to ``truncate - 3`` plus ``...``,
-    and ``only showing top N rows`` when ``more``."""
+    and ``only showing top N rows`` when ``more``: the same string as Spark's ``_show_string``
+    (tests/test_local_sql.py compares the two)."""
     def cut(s: str) -> str:
         if truncate <= 0 or len(s) <= truncate:
             return s
@@ -189,7 +190,7 @@ def show_string(rows: pa.Table, more: bool = False, truncate: int = 80) -> str:
     sep = "+" + "+".join("-" * w for w in widths) + "+"
     lines = [sep, "|" + "|".join(h.rjust(w) for h, w in zip(header, widths)) + "|", sep]
     lines += ["|" + "|".join(c.rjust(w) for c, w in zip(r, widths)) + "|" for r in cells]
-    lines.append(sep)
-    if more:
-        lines.append(f"only showing top {len(data)} row{'s' if len(data) != 1 else ''}")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines + [sep]) + "\n"
+    if more:  # Spark's own string ends without a newline here
+        text += f"only showing top {len(data)} row{'s' if len(data) != 1 else ''}"
+    return text
