@@ -42,7 +42,7 @@ class LocalSQL:
     """The existing tables of one lake, registered for read-only SQL in one DataFusion session.
 
     Args:
-        lake: the lake (its ``root``, ``database`` and ``path()`` are used; no Spark session needed).
+        lake: the lake (its table paths and SQL names are used; no Spark session needed).
         tables: the tables to register; those that do not exist yet are skipped.
 
     Attributes:
@@ -81,9 +81,9 @@ class LocalSQL:
                 message names ``--engine spark``.
         """
         body = statement.strip().rstrip(";").strip()
-        words = body.split(None, 3)
-        if words and words[0].upper() == "EXPLAIN":  # EXPLAIN [ANALYZE] [VERBOSE] stmt: check stmt
-            rest = body[len(words[0]):].lstrip()
+        first_word = (body.split(None, 1) or [""])[0]
+        if first_word.upper() == "EXPLAIN":  # EXPLAIN [ANALYZE] [VERBOSE] stmt: check stmt
+            rest = body[len(first_word):].lstrip()
             for w in ("ANALYZE", "VERBOSE"):
                 if rest[:len(w)].upper() == w and rest[len(w):len(w) + 1] in (" ", "\n", "\t", "\r"):
                     rest = rest[len(w):].lstrip()
@@ -135,7 +135,8 @@ class LocalSQL:
         return rows, False
 
     def count(self, name: str) -> int:
-        """Rows of the registered table ``name`` (DataFusion answers from file statistics)."""
+        """Rows of the registered table ``name``. DataFusion answers ``count(*)`` from the row
+        counts in the Delta log (its physical plan is a constant), so no data file is read."""
         return int(self._run(f"SELECT count(*) AS n FROM {_qualified(name)}").column("n")[0].as_py())
 
 
