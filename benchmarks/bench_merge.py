@@ -84,8 +84,8 @@ def run_mode(spark, mode: str, sizes: list[int], chunk: int, merges: int, root: 
     import finelake.lake as lk
     from finelake.tables import DOCUMENTS
 
-    if mode == "plain":
-        lk_bucketed, lk.bucketed = lk.bucketed, (lambda t: False)
+    if mode == "plain":  # the Lake's modules look bucketed up in finelake.lake.buckets
+        lk_bucketed, lk.buckets.bucketed = lk.buckets.bucketed, (lambda t: False)
     try:
         lake = lk.Lake(os.path.join(root, mode), spark, engine="delta-spark")
         lake.create(DOCUMENTS)
@@ -119,7 +119,7 @@ def run_mode(spark, mode: str, sizes: list[int], chunk: int, merges: int, root: 
         return out
     finally:
         if mode == "plain":
-            lk.bucketed = lk_bucketed
+            lk.buckets.bucketed = lk_bucketed
 
 
 def main(argv=None) -> None:

@@ -206,14 +206,38 @@ def calibrate(ctx, n):
     click.echo(run_calibrate(ctx, n).text())
 
 
+def _local_sql_fits(cfg) -> bool:
+    """``finelake sql --engine auto``: the local engine for a lake on this machine (a path or a
+    ``file:`` URI) whose profile runs Spark locally (master ``local[...]`` or unset) and registers
+    no Unity Catalog catalog; Spark otherwise (clusters)."""
+    from finelake import storage
+
+    local_lake = not storage.is_uri(cfg.lake) or cfg.lake.startswith("file:")
+    master = cfg.spark.master
+    return local_lake and (master is None or master.startswith("local")) and not cfg.catalog.catalog
+
+
 @cli.command()
 @click.argument("query")
 @click.option("--limit", type=int, default=50, show_default=True, help="Rows to print.")
+@click.option("--engine", "sql_engine", type=click.Choice(["auto", "local", "spark"]), default="auto",
+              show_default=True,
+              help="local: read-only queries through delta-rs's SQL engine (DataFusion), in about a "
+                   "second, no Spark; spark: Spark SQL (clusters, statements that write); auto: local "
+                   "when the lake is a local path and the profile's Spark master is local or unset.")
 @_common
-def sql(ctx, query, limit):
-    """Run Spark SQL over the registered tables, e.g. finelake sql "SELECT count(*) FROM finelake.pairs"."""
+def sql(ctx, query, limit, sql_engine):
+    """Run SQL over the lake's tables, e.g. finelake sql "SELECT count(*) FROM finelake.pairs"."""
     from finelake.tables import ALL_TABLES
 
+    if sql_engine == "local" or (sql_engine == "auto" and _local_sql_fits(ctx.cfg)):
+        from finelake.lake import Lake
+        from finelake.lake.query import LocalSQL, show_string
+
+        lake = Lake(ctx.cfg.lake, None, database=ctx.cfg.catalog.database, catalog=ctx.cfg.catalog.catalog)
+        rows, more = LocalSQL(lake, ALL_TABLES.values()).sql(query, limit=limit)
+        click.echo(show_string(rows, more))  # what Spark's path below prints
+        return
     ctx.lake.register_all(ALL_TABLES.values())
     df = ctx.spark.sql(query)
     click.echo(df._show_string(limit, 80, False) if hasattr(df, "_show_string") else df.limit(limit).toPandas().to_string())
@@ -224,12 +248,15 @@ def sql(ctx, query, limit):
 def tables(ctx):
     """List the tables, their location, version and row count."""
     from finelake.lake import Lake
+    from finelake.lake.query import LocalSQL
     from finelake.tables import ALL_TABLES
 
-    lake = Lake(ctx.cfg.lake, None)  # delta-rs only: no Spark start needed
+    # delta-rs's SQL engine: no Spark start, counts from the files' statistics
+    lake = Lake(ctx.cfg.lake, None, database=ctx.cfg.catalog.database, catalog=ctx.cfg.catalog.catalog)
+    q = LocalSQL(lake, ALL_TABLES.values())
     for t in ALL_TABLES.values():
-        v = lake.version(t)
-        rows = lake.read_arrow(t, columns=[t.key[0]]).num_rows if v is not None else "-"
+        v = q.names.get(lake.sql_name(t))
+        rows = q.count(lake.sql_name(t)) if v is not None else "-"
         click.echo(f"{t.name:16} v{'-' if v is None else v:<4} rows={rows:<8} {lake.path(t)}  {t.description}")
 
 

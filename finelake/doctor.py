@@ -231,10 +231,12 @@ def check_delta(cfg) -> Check:
                 n = spark.read.format("delta").load(path).count()
             else:
                 import pyarrow as pa
-                from deltalake import DeltaTable, write_deltalake
+                from deltalake import write_deltalake
+
+                from finelake.lake import read_delta  # not to_pyarrow_table: it can abort at exit
 
                 write_deltalake(path, pa.table({"id": [0, 1, 2]}))
-                n = DeltaTable(path).to_pyarrow_table().num_rows
+                n = read_delta(path).num_rows
         jars = len(delta_jars.installed_jars())
         return Check("delta", n == 3, f"engine {engine}; wrote and read a 3-row Delta table "
                                       f"({jars} jars from {delta_jars.jars_dir()})")

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from finelake import storage
+from finelake.lake import read_delta
 from finelake.method import training as tm
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.tables import ALL_TABLES
@@ -154,7 +155,7 @@ def read_table(ctx: StageContext, table: str, version: Optional[int] = None,
         dt = DeltaTable(path, version=version)
     except Exception as exc:  # deltalake raises its own error types for a missing version
         raise FinelakeError(f"table {table}: cannot load version {version}: {exc}") from None
-    return dt.to_pyarrow_table(columns=columns), path, dt.version()
+    return read_delta(dt, columns=columns), path, dt.version()
 
 
 @dataclass

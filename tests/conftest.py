@@ -78,6 +78,26 @@ def sample_slice(tmp, name: str, n: int) -> str:
     return str(path)
 
 
+def delta_snapshot(path: str, version=None):
+    """A Delta table's rows read without finelake: the snapshot's Parquet files (delta-rs lists
+    them) read with pyarrow's own file system, in the log's order, cast to the table's schema
+    (columns a file predates are null). Not ``DeltaTable.to_pyarrow_table()``: its scan can abort
+    the test process at exit (see :func:`finelake.lake.rs.read_delta`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(path, version=version)
+    schema = pa.schema(dt.schema().to_arrow())
+    parts = []
+    for uri in dt.file_uris():
+        t = pq.read_table(uri[len("file://"):] if uri.startswith("file://") else uri)
+        parts.append(pa.Table.from_arrays(
+            [t.column(f.name).cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)
+             for f in schema], schema=schema))
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
 _SESSIONS: dict = {}
 
 

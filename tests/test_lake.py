@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from conftest import ENGINE, session_for
+from conftest import ENGINE, delta_snapshot, session_for
 from finelake.lake import Lake, LakeError, conform
 from finelake.tables import DOCUMENTS, TEMPLATES
 
@@ -30,7 +30,7 @@ def _lake(tmp_path, spark, engine, name="lake"):
 
 def _rows(lake, tdef, version=None):
     """The table's rows as delta-rs reads them (engine-neutral), sorted by key."""
-    rows = DeltaTable(lake.path(tdef), version=version).to_pyarrow_table().to_pylist()
+    rows = delta_snapshot(lake.path(tdef), version).to_pylist()
     return sorted(rows, key=lambda r: tuple(r[k] for k in tdef.key))
 
 
@@ -196,7 +196,7 @@ def test_key_buckets_match_spark_and_align_with_chunks(spark):
 
 
 def _stats(lake, tdef):
-    return DeltaTable(lake.path(tdef)).to_pyarrow_table()
+    return delta_snapshot(lake.path(tdef))
 
 
 @pytest.mark.parametrize("engine", ENGINES)
