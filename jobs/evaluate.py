@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 
 from finelake import storage
 from finelake.jobs.common import arrow_from_rows, model_label
+from finelake.jobs.tracking import transformers_folder
 from finelake.jobs.train import TRAIN_META, data_lake, read_table, setup_mlflow
 from finelake.method import ifeval as ifm
 from finelake.method import token_shift as tsm
@@ -161,20 +162,20 @@ def resolve_model_path(ctx: StageContext, uri: str) -> str:
     try:
         if uri.startswith("models:/"):
             name, _, ver = uri[len("models:/"):].partition("/")
-            src = MlflowClient().get_model_version_download_uri(name, ver)
+            src = (MlflowClient().get_model_version_download_uri(name, ver) if ver  # registered
+                   else mlflow.get_logged_model(name).artifact_location)  # models:/<model id>
         else:
             rid, _, sub = uri[len("runs:/"):].partition("/")
             src = f"{mlflow.get_run(rid).info.artifact_uri}/{sub}"
     except MlflowException as exc:
         raise FinelakeError(f"cannot resolve {uri}: {exc.message}") from None
-    if src.startswith("file://") and Path(src[len("file://"):], "config.json").exists():
-        return src[len("file://"):]
-    if os.path.isdir(src) and Path(src, "config.json").exists():
-        return src
+    local = src[len("file://"):] if src.startswith("file://") else src
+    if os.path.isdir(local) and Path(transformers_folder(local), "config.json").exists():
+        return transformers_folder(local)  # an MLflow model keeps the folder under model/
     root = storage.root(ctx.cfg.lake)
     dst = Path("/tmp" if storage.is_uri(root) else root, "_mlflow", "downloads", uri.replace(":/", "_").replace("/", "_"))
     dst.mkdir(parents=True, exist_ok=True)
-    return mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=str(dst))
+    return transformers_folder(mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=str(dst)))
 
 
 def _label(uri: str) -> str:
