@@ -175,7 +175,10 @@ def resolve_model_path(ctx: StageContext, uri: str) -> str:
     root = storage.root(ctx.cfg.lake)
     dst = Path("/tmp" if storage.is_uri(root) else root, "_mlflow", "downloads", uri.replace(":/", "_").replace("/", "_"))
     dst.mkdir(parents=True, exist_ok=True)
-    return transformers_folder(mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=str(dst)))
+    # a models:/ URI downloads through the registry's own artifact repository (Unity Catalog:
+    # temporary credentials or presigned URLs; its storage location is not readable directly)
+    return transformers_folder(mlflow.artifacts.download_artifacts(
+        artifact_uri=uri if uri.startswith("models:/") else src, dst_path=str(dst)))
 
 
 def _label(uri: str) -> str:

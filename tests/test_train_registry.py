@@ -57,6 +57,14 @@ def test_train_registers_an_mlflow_model_with_a_signature_in_unity_catalog(lake_
             "requirements.txt"} <= set(files)
     assert json.loads(files["model/finelake_train.json"])["method"] == "scratch"
 
+    # evaluate reads the registered version back through the same client (presigned downloads)
+    from finelake.jobs.evaluate import resolve_model_path
+
+    folder = resolve_model_path(StageContext(_uc_cfg(lake_dir)), st.extra["model_uri"])
+    assert json.loads(open(f"{folder}/finelake_train.json").read())["method"] == "scratch"
+    assert open(f"{folder}/config.json", "rb").read() == files["model/config.json"]
+    assert uc.unanswered == []
+
 
 @pytest.mark.parametrize("logged_as", ["plain folder", "MLmodel without a signature"])
 def test_unity_catalog_refuses_a_model_without_a_signature(lake_dir, uc, tmp_path, logged_as):

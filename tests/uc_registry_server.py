@@ -7,9 +7,12 @@ What it answers, as Databricks documents them and as MLflow 3.17's protos spell 
 * ``registered-models/create`` (``RESOURCE_ALREADY_EXISTS`` the second time) and ``/get``;
 * ``model-versions/create`` (version numbers 1, 2, ... per model, status ``PENDING_REGISTRATION``),
   ``/generate-temporary-credentials`` (``storage_mode: DEFAULT_STORAGE``, so MLflow uploads through
-  presigned URLs), ``/finalize`` (status ``READY``) and ``/get``;
+  presigned URLs), ``/finalize`` (status ``READY``), ``/get`` and ``/get-download-uri`` (the
+  version's storage location, which MLflow does not read directly under DEFAULT_STORAGE);
 * ``registered-models:is-databricks-sdk-models-artifact-repository-enabled`` (false);
 * ``/api/2.0/fs/create-upload-url`` (a URL on this server) and the ``PUT`` of each file to it;
+  for reading a version back, ``/api/2.0/fs/directories/<path>`` (listing),
+  ``/api/2.0/fs/create-download-url`` and the ``GET`` of each file;
 * ``/.well-known/databricks-config`` (the SDK's host-metadata probe) with 404 on purpose: the SDK
   then uses the host and token it was given, as it does against workspaces without that document.
 
@@ -61,9 +64,10 @@ class UnityCatalogServer:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
                 status, payload = server.handle(self.command, self.path, body)
-                data = json.dumps(payload).encode()
+                raw = isinstance(payload, bytes)
+                data = payload if raw else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "application/octet-stream" if raw else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -92,6 +96,11 @@ class UnityCatalogServer:
             if method == "PUT" and path.startswith("/upload/"):
                 self.files[path[len("/upload"):]] = body
                 return 200, {}
+            if method == "GET" and path.startswith("/download/"):
+                data = self.files.get(path[len("/download"):])
+                return (200, data) if data is not None else self._error(404, "NOT_FOUND", path)
+            if method == "GET" and path.startswith("/api/2.0/fs/directories/"):
+                return self._list(path[len("/api/2.0/fs/directories"):])
             if method == "GET" and path == "/.well-known/databricks-config":
                 return self._error(404, "NOT_FOUND", "no host metadata")
             args = json.loads(body) if body else {}
@@ -103,9 +112,11 @@ class UnityCatalogServer:
                 ("POST", f"{UC}/model-versions/generate-temporary-credentials"): self._credentials,
                 ("POST", f"{UC}/model-versions/finalize"): self._finalize,
                 ("GET", f"{UC}/model-versions/get"): self._get_version,
+                ("GET", f"{UC}/model-versions/get-download-uri"): self._download_uri,
                 ("GET", f"{UC}/registered-models:is-databricks-sdk-models-artifact-repository-enabled"):
                     lambda a: (200, {"is_databricks_sdk_models_artifact_repository_enabled": False}),
                 ("POST", "/api/2.0/fs/create-upload-url"): self._upload_url,
+                ("POST", "/api/2.0/fs/create-download-url"): self._download_url,
             }.get((method, path))
             if route is None:
                 self.unanswered.append((method, path))
@@ -169,11 +180,36 @@ class UnityCatalogServer:
             return self._error(404, "RESOURCE_DOES_NOT_EXIST", "no such model version")
         return 200, {"model_version": mv}
 
+    def _download_uri(self, a):
+        mv = self._version(a)
+        if mv is None:
+            return self._error(404, "RESOURCE_DOES_NOT_EXIST", "no such model version")
+        return 200, {"artifact_uri": mv["storage_location"]}
+
     def _upload_url(self, a):
         path = a.get("path", "")
         if not path.startswith("/Models/"):
             return self._error(400, "INVALID_PARAMETER_VALUE", f"upload outside /Models: {path}")
         return 200, {"url": f"{self.url}/upload{path}", "headers": []}
+
+    def _download_url(self, a):
+        path = a.get("path", "")
+        if path not in self.files:
+            return self._error(404, "NOT_FOUND", f"no file {path}")
+        return 200, {"url": f"{self.url}/download{path}", "headers": []}
+
+    def _list(self, folder: str):
+        """The immediate children of ``folder`` among the uploaded files (Files API listing)."""
+        prefix = folder.rstrip("/") + "/"
+        entries = {}
+        for path, data in self.files.items():
+            if path.startswith(prefix):
+                head, sep, _ = path[len(prefix):].partition("/")
+                entries[prefix + head] = {"path": prefix + head, "is_directory": bool(sep),
+                                          **({} if sep else {"file_size": len(data)})}
+        if not entries:
+            return self._error(404, "NOT_FOUND", f"no directory {folder}")
+        return 200, {"contents": sorted(entries.values(), key=lambda e: e["path"])}
 
     def version_files(self, name: str, version: str) -> dict[str, bytes]:
         """Files uploaded for one model version, by path relative to the version's root."""
