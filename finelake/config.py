@@ -34,6 +34,14 @@ class _Strict(BaseModel):
 # ----------------------------------------------------------------------------- infrastructure
 
 
+def _without_nulls(value: Any) -> Any:
+    """A mapping without its null-valued keys (how a child profile unsets a parent's key, since
+    :func:`deep_merge` merges mappings key by key); anything else unchanged for pydantic to check."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if v is not None}
+    return value
+
+
 class SparkConfig(_Strict):
     master: Optional[str] = Field(
         "local[*]", description="Spark master; null on clusters where spark-submit sets it."
@@ -45,7 +53,13 @@ class SparkConfig(_Strict):
         "(clusters), the deltalake (delta-rs) package from the driver otherwise. 'auto' picks "
         "delta-spark when its classes load.",
     )
-    conf: dict[str, str] = Field(default_factory=dict, description="Extra spark.* settings.")
+    conf: dict[str, str] = Field(default_factory=dict, description="Extra spark.* settings; a "
+                                 "null value removes a key that a parent profile (extends:) set.")
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _unset_nulls(cls, v: Any) -> Any:
+        return _without_nulls(v)
 
 
 class CatalogConfig(_Strict):
@@ -62,10 +76,17 @@ class ModelConfig(_Strict):
                        "ship inside registry packages.")
     revision: Optional[str] = None
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings "
-                                    "(dtype, tensor_parallel_size, gpu_memory_utilization, n_ctx, ...).")
+                                    "(dtype, tensor_parallel_size, gpu_memory_utilization, n_ctx, "
+                                    "...); a null value removes an option that a parent profile "
+                                    "(extends:) set, e.g. when a child switches the backend.")
     batch_size: int = Field(16, ge=1)
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0)
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _unset_nulls(cls, v: Any) -> Any:
+        return _without_nulls(v)
 
 
 class TokenizerConfig(_Strict):

@@ -30,9 +30,10 @@ from typing import Optional
 
 from finelake.errors import FinelakeError
 
-DELTA_VERSION = "4.4.0"
-"""The delta-spark release built against Spark 4.2 (``pyspark==4.2.0``). The Python package
-``delta-spark`` is pinned to the same version in ``setup.py`` (4.4.1 exists on PyPI only)."""
+DELTA_VERSION = "4.0.0"
+"""The delta-spark release for Spark 4.0 (``pyspark==4.0.2``): the Delta that EMR emr-spark-8.0.0
+ships with Spark 4.0.2, so local runs and tests use the clusters' versions. The Python package
+``delta-spark`` is pinned to the same version in ``setup.py``."""
 SCALA_VERSION = "2.13"
 COORDINATES = f"io.delta:delta-spark_{SCALA_VERSION}:{DELTA_VERSION}"
 MANIFEST = "manifest.json"

@@ -26,6 +26,16 @@ PIPELINE_TASKS: tuple[str, ...] = tuple(s.name for s in run_order())
 #: Tasks that run a model on the executors (generator, embedder or judge) and so want GPU nodes.
 GPU_TASKS: frozenset[str] = frozenset(s.name for s in run_order() if s.uses_model)
 
+#: The EMR release the steps are for: the Spark 4 line of EMR (Spark 4.0.2-amzn-0, Delta
+#: 4.0.0-amzn-1-spark, Python 3.11-3.13, Amazon Linux 2023; EMR release guide, "Amazon EMR release
+#: 8.0.0"). EMR 7.x ships Spark 3.5, which ``finelake validate`` refuses.
+EMR_RELEASE_LABEL = "emr-spark-8.0.0"
+
+#: The cluster configuration that goes with the steps (``aws emr create-cluster --configurations
+#: file://...``): YARN GPU scheduling and isolation, the capacity scheduler's
+#: ``DominantResourceCalculator``, Delta enabled. Relative to the repository root.
+EMR_CONFIGURATIONS = "deploy/emr/configurations.json"
+
 #: The Delta Lake jars EMR 7.0 and later ship (Delta 3.0 renamed delta-core.jar to
 #: delta-spark.jar); ``delta-spark.jar`` also carries the ``delta`` Python package, so it goes on
 #: ``--py-files`` as well (finelake's delta-spark engine imports ``delta.tables``).

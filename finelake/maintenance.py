@@ -55,7 +55,7 @@ def mlflow_pins(cfg, lake) -> dict[str, list[int]]:
         FinelakeError: the tracking store is configured but cannot be searched.
     """
     from finelake.tables import ALL_TABLES
-    from finelake.jobs.train import tracking_settings
+    from finelake.tracking import tracking_settings
 
     s = tracking_settings(cfg)
     uri = s["tracking_uri"]

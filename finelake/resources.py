@@ -32,7 +32,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,23 @@ class Resources:
 
 MODEL_STAGE = Resources(gpus=1)
 """What genericize, match, instantiate and judge declare: one GPU per task (its model)."""
+
+SERVED_BACKENDS = frozenset({"openai"})
+"""Backends whose model runs behind a server (``vllm serve``, Databricks Model Serving, an API):
+the executors only send requests."""
+
+
+def model_stage_resources(backend: str, options: Optional[Mapping[str, Any]] = None) -> Resources:
+    """What a model stage asks of the cluster for its model: :data:`MODEL_STAGE`, or no GPU
+    (``Resources()``) when the model is served (:data:`SERVED_BACKENDS`; for the ``llm`` judge
+    its ``options.inner_backend``), so :func:`plan_stage` schedules the stage on every core.
+
+    Args:
+        backend: the model's ``backend`` (``vllm``, ``openai``, ``llm``, ...).
+        options: the model's ``options`` (read for the ``llm`` judge's ``inner_backend``).
+    """
+    inner = (options or {}).get("inner_backend", "vllm") if backend == "llm" else backend
+    return Resources() if inner in SERVED_BACKENDS else MODEL_STAGE
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ the profile there and are silently ignored, so they must be the cluster's own se
 
 from __future__ import annotations
 
+import re
+
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -256,6 +258,36 @@ def spark_conf_problems(cfg: "FinelakeConfig") -> list[str]:
     return out
 
 
+MIN_SPARK = (4, 0)
+"""The oldest Spark finelake runs on (see :func:`spark_version_problem` for why)."""
+
+
+def spark_version_problem(version: str) -> Optional[str]:
+    """Why finelake cannot run on Spark ``version``, or None when it can (>= :data:`MIN_SPARK`).
+
+    Spark 4.0 is needed for stage-level scheduling of the model stages through
+    ``mapInArrow``/``mapInPandas(..., profile=)``, ``DataFrame.toArrow`` and Python data sources;
+    EMR 7.x ships Spark 3.5 (the Spark 4 release of EMR is ``emr-spark-8.0.0``, Spark 4.0.2), and
+    Databricks Runtime 17.3 LTS is the first LTS with Spark 4.0.0.
+
+    Args:
+        version: Spark's version string (``spark.version``, ``pyspark.__version__``), vendor
+            suffixes allowed (``4.0.2-amzn-0``).
+
+    Returns:
+        One line naming the version and the reason, or None.
+    """
+    m = re.match(r"^\s*(\d+)\.(\d+)", version or "")
+    if m is None:
+        return f"spark: cannot read a version from {version!r}"
+    if (int(m.group(1)), int(m.group(2))) >= MIN_SPARK:
+        return None
+    return (f"spark: version {version} is older than {MIN_SPARK[0]}.{MIN_SPARK[1]}: finelake needs "
+            "Spark 4 (model stages pass profile= to mapInArrow/mapInPandas, tables are read with "
+            "DataFrame.toArrow); on EMR use release emr-spark-8.0.0 (EMR 7.x ships Spark 3.5), on "
+            "Databricks Runtime 17.3 LTS or later")
+
+
 def resolved_yaml(cfg: "FinelakeConfig") -> str:
     """The resolved profile (``extends`` merged, overrides applied, defaults filled in) as YAML
     that :func:`finelake.config.load_config` reads back to the same configuration."""
@@ -316,8 +348,19 @@ def run_validate(profile: str, overrides: Optional[list[str]] = None, lake: Opti
         lines.append("spark: no running session in this process; the profile's static settings "
                      "(executor cores, task GPUs, ...) were not compared with a cluster's (run "
                      "validate where the session exists, e.g. a Databricks notebook)")
+        try:
+            import pyspark
+
+            version, where = pyspark.__version__, "installed pyspark"
+        except ImportError:
+            version, where = None, None
     else:
         mism = session_mismatches(cfg, spark)
         problems += mism
         lines.append(f"spark: running session checked ({len(mism)} static setting(s) differ)")
+        version, where = spark.version, "running session"
+    if version is not None:
+        too_old = spark_version_problem(version)
+        problems += [too_old] if too_old else []
+        lines.append(f"spark: {where} is Spark {version}")
     return cfg, lines, problems

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from finelake import storage
+from finelake.jobs.tracking import transformers_folder
 from finelake.jobs.train import TRAIN_META, setup_mlflow
 from finelake.method.training import format_prompt
 from finelake.runtime import FinelakeError, StageContext
@@ -90,20 +91,23 @@ def resolve_model_path(ctx: StageContext, uri: str) -> str:
     try:
         if uri.startswith("models:/"):
             name, _, ver = uri[len("models:/"):].partition("/")
-            src = MlflowClient().get_model_version_download_uri(name, ver)
+            src = (MlflowClient().get_model_version_download_uri(name, ver) if ver  # registered
+                   else mlflow.get_logged_model(name).artifact_location)  # models:/<model id>
         else:
             rid, _, sub = uri[len("runs:/"):].partition("/")
             src = f"{mlflow.get_run(rid).info.artifact_uri}/{sub}"
     except MlflowException as exc:
         raise FinelakeError(f"cannot resolve {uri}: {exc.message}") from None
-    if src.startswith("file://") and Path(src[len("file://"):], "config.json").exists():
-        return src[len("file://"):]
-    if os.path.isdir(src) and Path(src, "config.json").exists():
-        return src
+    local = src[len("file://"):] if src.startswith("file://") else src
+    if os.path.isdir(local) and Path(transformers_folder(local), "config.json").exists():
+        return transformers_folder(local)  # an MLflow model keeps the folder under model/
     root = storage.root(ctx.cfg.lake)
     dst = Path("/tmp" if storage.is_uri(root) else root, "_mlflow", "downloads", uri.replace(":/", "_").replace("/", "_"))
     dst.mkdir(parents=True, exist_ok=True)
-    return mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=str(dst))
+    # a models:/ URI downloads through the registry's own artifact repository (Unity Catalog:
+    # temporary credentials or presigned URLs; its storage location is not readable directly)
+    return transformers_folder(mlflow.artifacts.download_artifacts(
+        artifact_uri=uri if uri.startswith("models:/") else src, dst_path=str(dst)))
 
 
 def _label(uri: str) -> str:

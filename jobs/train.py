@@ -23,9 +23,10 @@ params (the train section flattened, ``data.*``), metrics (loss, learning rate, 
 per step as logged, then ``train_tokens``, ``tokens_per_s``, ``train_runtime_s``), the resolved
 config (``config/resolved.yaml``), the dataset (``mlflow.log_input`` of the examples with a
 :class:`~mlflow.data.delta_dataset_source.DeltaDatasetSource`: Delta path and version) plus
-``finelake.*`` tags (table, path, version, rows, tokens, generating run ids), and the final model
-(``save_pretrained`` folder logged as the ``model`` artifact and registered as
-``<prefix>_<table>_<method>``).
+``finelake.*`` tags (table, path, version, rows, tokens, generating run ids), and the final model:
+the ``save_pretrained`` folder logged as an MLflow ``transformers`` model with a signature and an
+input example, registered as ``<prefix>_<table>_<method>`` (Unity Catalog requires both;
+:mod:`finelake.jobs.tracking`).
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from finelake import storage
+from finelake.jobs import tracking
+from finelake.jobs.tracking import setup_mlflow, tracking_settings  # noqa: F401 - used by evaluate, compare, maintenance
 from finelake.lake import read_delta
 from finelake.method import training as tm
 from finelake.runtime import FinelakeError, StageContext, StageStats
@@ -49,66 +52,8 @@ from finelake.tables import ALL_TABLES
 
 log = logging.getLogger(__name__)
 
-# Jobs run where only package registries are reachable: no MLflow usage pings (read at import).
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 TRAIN_META = "finelake_train.json"
 """File written next to a trained model: how it was trained (evaluation reads prompt_format)."""
-
-
-# ----------------------------------------------------------------------------- MLflow
-
-
-def tracking_settings(cfg) -> dict[str, Optional[str]]:
-    """Tracking URI, registry URI and artifact location for this profile.
-
-    Returns:
-        ``{"tracking_uri", "registry_uri", "artifact_location", "experiment"}``.
-
-    Raises:
-        FinelakeError: no tracking URI is configured and the lake is not a local folder
-            (sqlite needs a local file).
-    """
-    t = cfg.train.mlflow
-    uri, art = t.tracking_uri, t.artifact_location
-    if uri is None:
-        root = storage.root(cfg.lake)
-        if storage.is_uri(root):
-            raise FinelakeError(f"lake {root} is not a local folder: set train.mlflow.tracking_uri "
-                                "(e.g. 'databricks' or your MLflow server)")
-        os.makedirs(os.path.join(root, "_mlflow"), exist_ok=True)
-        uri = f"sqlite:///{os.path.join(root, '_mlflow', 'mlflow.db')}"
-        art = art or Path(root, "_mlflow", "artifacts").as_uri()
-    return {"tracking_uri": uri, "registry_uri": t.registry_uri, "artifact_location": art,
-            "experiment": t.experiment}
-
-
-def setup_mlflow(cfg) -> str:
-    """Point MLflow at the profile's tracking server and experiment; returns the experiment id."""
-    import mlflow
-
-    s = tracking_settings(cfg)
-    mlflow.set_tracking_uri(s["tracking_uri"])
-    if s["registry_uri"]:
-        mlflow.set_registry_uri(s["registry_uri"])
-    exp = mlflow.get_experiment_by_name(s["experiment"])
-    if exp is None:
-        exp_id = mlflow.create_experiment(s["experiment"], artifact_location=s["artifact_location"])
-    else:
-        exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
-    return out
 
 
 # ----------------------------------------------------------------------------- data
@@ -317,32 +262,6 @@ def _metrics_callback(sink: dict):
     return MlflowMetrics()
 
 
-def register_model_folder(run, name: str, tags: dict[str, str]) -> str:
-    """Register the run's ``model`` artifact folder (a ``save_pretrained`` folder) as a new version
-    of ``name``; returns ``models:/<name>/<version>``.
-
-    MLflow 3's ``register_model("runs:/...")`` only accepts flavour-logged models, so the version is
-    created from the artifact location directly (the registry stores the same source URI).
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="finelake train: save_pretrained folder "
-                                       "(transformers AutoModelForCausalLM + tokenizer)")
-    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model",
-                                     run_id=run.info.run_id, tags=tags)
-    return f"models:/{name}/{mv.version}"
-
-
-def registered_name(tc, table: str, method: str) -> str:
-    """``<prefix>_<table>_<method>`` (Unity Catalog names allow letters, digits, underscores)."""
-    return f"{tc.mlflow.registered_model_prefix}_{table}_{method}".replace("-", "_")
-
-
 # ----------------------------------------------------------------------------- the job
 
 
@@ -368,17 +287,19 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
 
     Returns:
         :class:`StageStats` (rows_in: rows read, rows_out: examples trained on); ``extra`` holds
-        ``mlflow_run_id``, ``model_uri`` (``models:/name/version`` or ``runs:/id/model``),
+        ``mlflow_run_id``, ``model_uri`` (``models:/name/version``; ``models:/<model id>`` when not
+        registered; None for unmerged LoRA adapters, logged as the ``adapters`` artifact),
         ``model_dir``, ``table_version``, ``train_tokens``, ``tokens_per_s``, ``train_loss``.
 
     Raises:
-        FinelakeError: missing table/version, unusable columns, or an empty training set.
+        FinelakeError: missing table/version, unusable columns, an empty training set, or
+            unmerged LoRA adapters with registration on (:func:`tracking.check_registrable`,
+            raised before training).
         ImportError: trl / peft / mlflow missing (``pip install 'finelake[train]'``).
     """
     import mlflow
     import torch
     import trl
-    import yaml
 
     cfg = ctx.cfg
     tc = cfg.train
@@ -386,6 +307,7 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
     method = method or tc.method
     if method not in ("lora", "full", "scratch"):
         raise FinelakeError(f"method must be lora, full or scratch, not {method!r}")
+    tracking.check_registrable(tc, method)
     stats = StageStats("train")
     if tc.torch_threads:
         torch.set_num_threads(tc.torch_threads)
@@ -453,8 +375,8 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
         run = mlflow.start_run(run_name=run_name or f"{table}-{method}")
     try:
         if run is not None:
-            _log_run_inputs(cfg, ctx, ts, method, budget, budget_reason, lr, n_epochs, n_steps,
-                            precision, completion_only, n_params, n_trainable, yaml)
+            tracking.log_run_inputs(cfg, ctx, ts, method, budget, budget_reason, lr, n_epochs,
+                                    n_steps, precision, completion_only, n_params, n_trainable)
         t0 = time.monotonic()
         result = trainer.train()
         seconds = time.monotonic() - t0
@@ -483,14 +405,16 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
         model_uri = None
         if run is not None:
             mlflow.log_metrics(final)
-            mlflow.log_artifacts(str(model_dir), artifact_path="model")
             hist = Path(out_dir, "log_history.json")
             hist.write_text(json.dumps(sink.get("history", []), indent=1), encoding="utf-8")
             mlflow.log_artifact(str(hist))
-            model_uri = f"runs:/{run.info.run_id}/model"
-            if tc.mlflow.register_model:
-                model_uri = register_model_folder(
-                    run, registered_name(tc, table, method),
+            if method == "lora" and not tc.lora.merge:  # adapters only: no MLflow model to log
+                mlflow.log_artifacts(str(model_dir), artifact_path="adapters")
+            else:
+                model_uri = tracking.log_trained_model(str(model_dir)).model_uri
+            if model_uri and tc.mlflow.register_model:
+                model_uri = tracking.register_logged_model(
+                    model_uri, tracking.registered_name(tc, table, method),
                     tags={"table": table, "table_version": str(ts.version), "method": method,
                           "table_path": ts.path})
                 mlflow.set_tag("finelake.registered_model", model_uri)
@@ -507,39 +431,9 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
     return stats.finish()
 
 
-def _log_run_inputs(cfg, ctx, ts: TrainingSet, method, budget, budget_reason, lr, epochs, steps,
-                    precision, completion_only, n_params, n_trainable, yaml) -> None:
-    """Params, tags, the resolved config and the dataset lineage of one training run."""
-    import mlflow
-    import pandas as pd
-    from mlflow.data.delta_dataset_source import DeltaDatasetSource
+if __name__ == "__main__":  # spark-submit jobs/train.py --conf ... (same options as finelake train)
+    import sys
 
-    tc = cfg.train
-    params = {f"train.{k}": v for k, v in _flatten(tc.model_dump(exclude={"mlflow"})).items()}
-    params.update({"train.method": method, "train.learning_rate": lr, "train.epochs": epochs,
-                   "train.max_steps": steps, "train.precision": precision,
-                   "train.completion_only_loss": completion_only, "tokenizer": cfg.tokenizer.model,
-                   "data.table": ts.table, "data.path": ts.path, "data.version": ts.version,
-                   "data.layout": ts.kind, "data.rows_read": ts.rows_read,
-                   "data.examples": len(ts.examples), "data.tokens": ts.tokens,
-                   "data.tokens_available": ts.tokens_available, "data.token_budget": budget,
-                   "data.budget_reason": budget_reason, "model.parameters": n_params,
-                   "model.trainable_parameters": n_trainable, "finelake.run_id": ctx.run_id})
-    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
-    runs = ",".join(ts.generating_runs)
-    tags = {"finelake.table": ts.table, "finelake.table_path": ts.path,
-            "finelake.table_version": str(ts.version), "finelake.rows": str(len(ts.examples)),
-            "finelake.tokens": str(ts.tokens), "finelake.generating_run_ids": runs[:5000],
-            "finelake.run_id": ctx.run_id, "finelake.method": method,
-            "finelake.profile": cfg.profile}
-    mlflow.set_tags(tags)
-    mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False),
-                    "config/resolved.yaml")
-    df = pd.DataFrame(ts.examples)
-    df["num_tokens"] = ts.token_counts
-    source = DeltaDatasetSource(path=ts.path, delta_table_version=ts.version)
-    ds = mlflow.data.from_pandas(df, source=source, name=f"{ts.table}@v{ts.version}")
-    mlflow.log_input(ds, context="training",
-                     tags={"table": ts.table, "version": str(ts.version),
-                           "rows": str(len(ts.examples)), "tokens": str(ts.tokens),
-                           "generating_run_ids": runs[:250]})
+    from finelake.cli import main
+
+    main(["train", *sys.argv[1:]])

@@ -181,3 +181,24 @@ def test_a_unity_catalog_lake_inside_a_volume_is_refused_where_the_profile_loads
     # the session catalog (no catalog.catalog) may use any path, and an external location is fine
     assert load_config("databricks", ["catalog.catalog=null"], lake="/Volumes/x/y/z").lake == "/Volumes/x/y/z"
     assert load_config("databricks", lake="abfss://c@a.dfs.core.windows.net/lake").catalog.catalog == "main"
+
+
+def test_a_null_in_a_child_profile_unsets_the_parents_spark_conf_key_and_model_option(tmp_path):
+    """conf/databricks-serving.yaml unsets the GPU settings and the vLLM engine options it
+    inherits; deep_merge keeps mappings key by key, so null is how a child removes a key."""
+    from finelake.config import load_config
+
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: databricks\nprofile: child\n"
+                     "spark:\n  conf:\n    spark.task.resource.gpu.amount: null\n"
+                     "genericize:\n  model:\n    backend: openai\n"
+                     "    options: {dtype: null, max_model_len: null, gpu_memory_utilization: null,\n"
+                     "              enable_prefix_caching: null, base_url: 'http://h:1/v1', provider: vllm}\n")
+    cfg = load_config(str(child))
+    parent = load_config("databricks")
+    assert "spark.task.resource.gpu.amount" in parent.spark.conf
+    assert "spark.task.resource.gpu.amount" not in cfg.spark.conf
+    assert cfg.spark.conf["spark.executor.cores"] == parent.spark.conf["spark.executor.cores"]
+    assert cfg.genericize.model.options == {"base_url": "http://h:1/v1", "provider": "vllm"}
+    served = load_config("databricks-serving")
+    assert not any(".resource.gpu." in k for k in served.spark.conf)

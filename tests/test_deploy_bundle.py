@@ -42,6 +42,27 @@ def _merge(into: dict, other: dict) -> dict:
     return into
 
 
+def _override(resources: dict, target_resources: dict) -> None:
+    """A target's ``resources`` over the bundle's, as the Databricks CLI merges them: a job's
+    ``job_clusters`` and ``tasks`` by their key (a new key is appended, a known one merged),
+    everything else key by key."""
+    for kind, items in target_resources.items():
+        for name, over in items.items():
+            base = resources.setdefault(kind, {}).setdefault(name, {})
+            for field, value in over.items():
+                key = {"job_clusters": "job_cluster_key", "tasks": "task_key"}.get(field)
+                if key is None:
+                    base[field] = _merge(base.get(field, {}), value) if isinstance(value, dict) \
+                        else copy.deepcopy(value)
+                    continue
+                by_key = {item[key]: item for item in base.setdefault(field, [])}
+                for item in value:
+                    if item[key] in by_key:
+                        _merge(by_key[item[key]], item)
+                    else:
+                        base[field].append(copy.deepcopy(item))
+
+
 def load_bundle(target: str) -> dict:
     """databricks.yml with its includes merged and every ``${...}`` reference resolved the way
     the Databricks CLI does for ``target`` (variable defaults, then the target's variables;
@@ -57,7 +78,10 @@ def load_bundle(target: str) -> dict:
     variables = {k: v.get("default") for k, v in root.get("variables", {}).items()}
     variables.update(tgt.get("variables", {}))
     values = {f"var.{k}": v for k, v in variables.items()}
-    values.update({"bundle.name": root["bundle"]["name"], "bundle.target": target})
+    values.update({"bundle.name": root["bundle"]["name"], "bundle.target": target,
+                   "workspace.file_path": f"/Workspace/Users/me/.bundle/{root['bundle']['name']}/"
+                                          f"{target}/files"})
+    _override(root["resources"], tgt.get("resources", {}))
 
     def resolve(node):
         if isinstance(node, dict):
@@ -82,10 +106,15 @@ def load_bundle(target: str) -> dict:
 
         return _REF.sub(one, node)
 
-    return resolve({k: v for k, v in root.items() if k != "variables"})
+    out = resolve({k: v for k, v in root.items() if k != "variables"})
+    out["bundle"]["target"] = target  # what ${bundle.target} says (the tests read it)
+    return out
 
 
-@pytest.fixture(scope="module", params=["dev", "prod"])
+TARGET_PROFILE = {"dev": "databricks", "prod": "databricks", "serving": "databricks-serving"}
+
+
+@pytest.fixture(scope="module", params=sorted(TARGET_PROFILE))
 def bundle(request):
     return load_bundle(request.param)
 
@@ -106,7 +135,7 @@ def _substitute_job_parameters(args: list[str], defaults: dict[str, str]) -> lis
             for a in args]
 
 
-def _check_command_line(job: dict, task: dict) -> None:
+def _check_command_line(job: dict, task: dict, profile: str) -> None:
     """The task's arguments parse with finelake's own command line, and its profile, --lake and
     --set overrides load with finelake's own config validation (unknown keys are errors)."""
     args = _substitute_job_parameters(_wheel_task_args(task), _job_parameter_defaults(job))
@@ -114,7 +143,7 @@ def _check_command_line(job: dict, task: dict) -> None:
     ctx = command.make_context(args[0], args[1:])
     p = ctx.params
     cfg = load_config(p["profile"], list(p["overrides"]), lake=p["lake"])
-    assert cfg.profile == "databricks"
+    assert cfg.profile == profile
     assert p["run_id"], "every task records the run id"
 
 
@@ -155,9 +184,10 @@ def test_wheel_task_entry_point_is_the_finelake_console_script(bundle):
 
 
 def test_task_arguments_parse_with_the_cli_and_the_profile(bundle):
-    for job in bundle["resources"]["jobs"].values():
+    profile = TARGET_PROFILE[bundle["bundle"]["target"]]
+    for key, job in bundle["resources"]["jobs"].items():
         for task in job["tasks"]:
-            _check_command_line(job, task)
+            _check_command_line(job, task, profile if key == "finelake_pipeline" else "databricks")
 
 
 def test_every_task_of_a_run_shares_the_run_id_parameter(bundle):
@@ -196,7 +226,12 @@ def test_model_stages_run_on_gpu_job_clusters_with_the_profile_gpu_settings(bund
     profile_gpu = {k: v for k, v in load_config("databricks").spark.conf.items() if ".resource.gpu." in k}
     assert profile_gpu, "the databricks profile sets the Spark GPU resource settings"
     by_task = {t.task_key: t for t in settings.tasks}
-    for stage in MODEL_STAGES:
+    served = MODEL_STAGES if bundle["bundle"]["target"] == "serving" else set()
+    for stage in served:  # the servers hold the GPUs: Spark schedules none (see the test below)
+        spec = clusters[by_task[stage].job_cluster_key]
+        assert by_task[stage].job_cluster_key == "gpu_serving" and "gpu-ml" in spec.spark_version
+        assert not any(".resource.gpu." in k for k in spec.spark_conf), stage
+    for stage in (MODEL_STAGES - served) | {"index", "match"}:
         spec = clusters[by_task[stage].job_cluster_key]
         assert spec is not None and by_task[stage].new_cluster is None
         assert "gpu-ml" in spec.spark_version, (stage, spec.spark_version)
@@ -255,3 +290,29 @@ def test_unity_catalog_schema_volume_targets_and_wheel_artifact():
     art = load_bundle("dev")["artifacts"]
     (wheel,) = art.values()
     assert wheel["type"] == "whl" and "build" in wheel["build"] and "--wheel" in wheel["build"]
+
+
+class _SessionOf:
+    """Just enough of a SparkSession for plan_stage: a cluster's SparkConf (what Databricks puts
+    there from a job cluster's spark_conf), a non-local master and the parallelism of its cores."""
+
+    def __init__(self, conf: dict[str, str], workers: int):
+        cores = int(conf.get("spark.executor.cores", "1"))
+        self.sparkContext = type("SC", (), {
+            "master": "spark://driver:7077", "defaultParallelism": workers * cores,
+            "environment": {},
+            "getConf": lambda _self: dict({"spark.master": "spark://driver:7077"}, **conf)})()
+
+
+def test_gpu_cluster_executor_cores_reach_plan_stage(spark):
+    """The bundle's spark.executor.cores is the profile's and what plan_stage gives a model task
+    (cores per GPU: the embedder's torch threads), not the 1 CPU it assumed without it."""
+    from finelake.resources import MODEL_STAGE, plan_stage
+
+    job = load_bundle("dev")["resources"]["jobs"]["finelake_pipeline"]
+    spec = {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}["gpu_models"]
+    conf = spec["spark_conf"]
+    assert conf["spark.executor.cores"] == load_config("databricks").spark.conf["spark.executor.cores"]
+    plan = plan_stage(_SessionOf(conf, spec["num_workers"]), MODEL_STAGE)
+    assert plan.profile is not None and plan.cpus_per_task == int(conf["spark.executor.cores"])
+    assert plan.tasks == spec["num_workers"]  # one model task per GPU, one GPU per worker

@@ -174,3 +174,90 @@ def test_bootstrap_script_is_valid_bash_and_makes_what_the_steps_use():
     assert deploy.EMR_PYTHON == f"{home}/venv/bin/python" and '"$PY" -m venv "$HOME_DIR/venv"' in text
     assert f'cat > "$HOME_DIR/{Path(deploy.EMR_LAUNCHER).name}"' in text
     assert 'mkdir -p "$HOME_DIR/hf"' in text and 'os.environ.setdefault("HF_HOME", "$HOME_DIR/hf")' in text
+
+
+@pytest.fixture
+def run_job_flow_shape(no_network):
+    client = botocore_session.get_session().create_client(
+        "emr", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    return client.meta.service_model.operation_model("RunJobFlow").input_shape
+
+
+def _run_job_flow(configurations: list) -> dict:
+    """The RunJobFlow call README's `aws emr create-cluster` makes, with the shipped files."""
+    return {
+        "Name": "finelake", "ReleaseLabel": deploy.EMR_RELEASE_LABEL,
+        "Applications": [{"Name": "Spark"}], "Configurations": configurations,
+        "Instances": {"InstanceGroups": [
+            {"InstanceRole": "MASTER", "InstanceType": "m7i.2xlarge", "InstanceCount": 1},
+            {"InstanceRole": "CORE", "InstanceType": "g6e.4xlarge", "InstanceCount": 4}],
+            "KeepJobFlowAliveWhenNoSteps": True},
+        "BootstrapActions": [{"Name": "finelake", "ScriptBootstrapAction": {
+            "Path": "s3://bucket/finelake/bootstrap.sh",
+            "Args": ["s3://bucket/finelake/finelake-0.1.0-py3-none-any.whl", "cluster"]}}],
+        "JobFlowRole": "EMR_EC2_DefaultRole", "ServiceRole": "EMR_DefaultRole",
+    }
+
+
+def test_yarn_gpu_configurations_pass_botocore_validation_for_run_job_flow(run_job_flow_shape):
+    configurations = json.loads((ROOT / deploy.EMR_CONFIGURATIONS).read_text())
+    report = ParamValidator().validate(_run_job_flow(configurations), run_job_flow_shape)
+    assert not report.has_errors(), report.generate_report()
+    broken = json.loads(json.dumps(configurations))
+    broken[0]["Properties"]["yarn.resource-types"] = 1         # not a string
+    broken[1]["Configurations"][0]["Classificaton"] = "gpu"    # misspelled member
+    report = ParamValidator().validate(_run_job_flow(broken), run_job_flow_shape)
+    assert report.has_errors() and "Classificaton" in report.generate_report()
+
+
+def test_yarn_gpu_configurations_agree_with_each_other_and_the_profile():
+    """As EMR's release guide gives them for Amazon Linux 2023 releases (RAPIDS page): GPU resource
+    plugin and type, LinuxContainerExecutor with cgroups under one root (mounted by the bootstrap
+    action), the GPU module of container-executor, the DominantResourceCalculator; Delta on."""
+    by = {c["Classification"]: c for c in json.loads((ROOT / deploy.EMR_CONFIGURATIONS).read_text())}
+    site = by["yarn-site"]["Properties"]
+    assert site["yarn.resource-types"] == site["yarn.nodemanager.resource-plugins"] == "yarn.io/gpu"
+    assert site["yarn.nodemanager.container-executor.class"].endswith("LinuxContainerExecutor")
+    inner = {c["Classification"]: c["Properties"] for c in by["container-executor"]["Configurations"]}
+    assert inner["gpu"]["module.enabled"] == "true"
+    root = site["yarn.nodemanager.linux-container-executor.cgroups.mount-path"]
+    assert inner["cgroups"]["root"] == root
+    assert inner["cgroups"]["yarn-hierarchy"] == site["yarn.nodemanager.linux-container-executor.cgroups.hierarchy"]
+    assert f"{root}/devices" in BOOTSTRAP.read_text()
+    assert by["capacity-scheduler"]["Properties"]["yarn.scheduler.capacity.resource-calculator"].endswith(
+        "DominantResourceCalculator")
+    assert by["delta-defaults"]["Properties"]["delta.enabled"] == "true"
+    # the profile asks YARN for what the configuration offers: executors with GPUs, found by the
+    # discovery script EMR ships
+    conf = load_config("emr").spark.conf
+    assert float(conf["spark.executor.resource.gpu.amount"]) >= 1
+    assert conf["spark.executor.resource.gpu.discoveryScript"] == "/usr/lib/spark/scripts/gpu/getGpusResources.sh"
+
+
+def test_emr_profile_turns_dynamic_allocation_off_and_sizes_the_engine_overhead(monkeypatch):
+    import finelake.validate
+
+    # as on the machine that prints the profile: no Spark session here to compare it with
+    monkeypatch.setattr(finelake.validate, "active_session", lambda: None)
+    res = CliRunner().invoke(cli, ["validate", "--conf", "emr", "--print"])
+    assert res.exit_code == 0, res.output
+    import yaml
+
+    conf = yaml.safe_load(res.stdout)["spark"]["conf"]
+    assert conf["spark.dynamicAllocation.enabled"] == "false"
+    assert int(conf["spark.executor.instances"]) >= 1
+    overhead = int(conf["spark.executor.memoryOverhead"].rstrip("g"))
+    heap = int(conf["spark.executor.memory"].rstrip("g"))
+    assert overhead >= 32 and heap + overhead <= 120  # the engine's room, within a 128 GiB node
+    assert "spark.executor.pyspark.memory" not in conf  # RLIMIT_AS, which CUDA exceeds
+    # and every step carries them
+    for s in _cli_steps("--conf", "emr", "--documents", "s3://b/d/"):
+        assert _submit_confs(s)["spark.dynamicAllocation.enabled"] == "false"
+
+
+def test_the_emr_release_named_everywhere_is_the_spark_4_one():
+    assert deploy.EMR_RELEASE_LABEL == "emr-spark-8.0.0"
+    for path in (ROOT / "README.md", BOOTSTRAP, ROOT / "conf" / "emr.yaml"):
+        text = path.read_text()
+        assert deploy.EMR_RELEASE_LABEL in text, path
+        assert "EMR 7.x ships Spark 3.5" in text or path.name == "bootstrap.sh", path

@@ -58,3 +58,14 @@ def test_coalesce_batches_gives_whole_batches_in_order():
     # Large batches pass through one by one; min_rows 0 never merges.
     assert [g.num_rows for g in coalesce_batches(_batches([256, 256, 7]), 8)] == [256, 256, 7]
     assert [g.num_rows for g in coalesce_batches(_batches([2, 2]), 0)] == [2, 2]
+
+
+def test_served_models_ask_for_no_gpu():
+    from finelake.resources import model_stage_resources
+
+    assert model_stage_resources("vllm") == MODEL_STAGE
+    assert model_stage_resources("sentence_transformers") == MODEL_STAGE
+    assert not model_stage_resources("openai").uses_gpu
+    assert not model_stage_resources("llm", {"inner_backend": "openai"}).uses_gpu
+    assert model_stage_resources("llm", {"inner_backend": "vllm"}) == MODEL_STAGE
+    assert model_stage_resources("llm") == MODEL_STAGE  # the llm judge's default inner is vllm

@@ -119,7 +119,12 @@ def test_tiny_lora_run_logs_metrics_params_lineage_and_a_model_that_reloads(lake
     assert source["path"].endswith("/pairs") and source["delta_table_version"] == version
     assert ds_input.dataset.name == f"pairs@v{version}"
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"config", "model", "log_history.json"} <= artifacts
+    assert {"config", "log_history.json"} <= artifacts
+    # the model is an MLflow model of this run (MLflow 3 keeps it apart from the run's artifacts)
+    assert MlflowClient().get_model_version("finelake_pairs_lora", "1").run_id == run.info.run_id
+    info = mlflow.models.get_model_info(st.extra["model_uri"])
+    assert info.run_id == run.info.run_id and "transformers" in info.flavors
+    assert info.signature.inputs and info.signature.outputs
 
     # The registered model reloads from the registry, is merged (no adapters) and generates.
     mut = load_model(ctx, st.extra["model_uri"])
@@ -148,7 +153,7 @@ def test_scratch_run_on_documents_matches_the_token_count_of_pairs(lake_dir):
     # the documents hold more tokens than the pairs: truncated to at most the pairs' count
     assert st.extra["tokens_available"] > pairs_tokens >= st.extra["data_tokens"] > 0
     assert st.rows_out < st.rows_in
-    assert st.extra["model_uri"].startswith("runs:/")  # logged, not registered
+    assert st.extra["model_uri"].startswith("models:/m-")  # logged (an MLflow model id), not registered
 
 
 def test_train_on_continuations_uses_ok_rows_and_logs_lineage(lake_dir):

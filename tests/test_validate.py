@@ -132,3 +132,29 @@ def test_static_settings_that_differ_in_the_running_session_are_reported(spark):
     cfg.spark.conf = {"spark.sql.shuffle.partitions": "7"}
     cfg.spark.master = spark.sparkContext.master
     assert session_mismatches(cfg, spark) == []
+
+
+@pytest.mark.parametrize("version, ok", [("4.0.0", True), ("4.0.2-amzn-0", True), ("4.2.0", True),
+                                         ("3.5.2", False), ("3.5.5-amzn-1", False), ("2.4.8", False)])
+def test_spark_older_than_4_is_refused_with_the_reason(version, ok):
+    from finelake.validate import spark_version_problem
+
+    problem = spark_version_problem(version)
+    if ok:
+        assert problem is None
+    else:
+        assert version in problem and "Spark 4" in problem and "emr-spark-8.0.0" in problem
+    assert "cannot read a version" in spark_version_problem("unknown")
+
+
+def test_validate_on_a_running_spark_3_session_exits_nonzero_naming_the_version(spark, monkeypatch):
+    """The live path: `finelake validate` in a process whose session reports Spark 3.5.2."""
+    import finelake.validate
+
+    monkeypatch.setattr(finelake.validate, "active_session", lambda: spark)
+    r = _validate("--conf", "local", "--set", f"spark.master={spark.sparkContext.master}")
+    assert f"running session is Spark {spark.version}" in r.output
+    assert "is older than" not in r.output  # the test session's own Spark (4.x) passes
+    monkeypatch.setattr(type(spark), "version", property(lambda self: "3.5.2"))
+    r = _validate("--conf", "local", "--set", f"spark.master={spark.sparkContext.master}")
+    assert r.exit_code == 1 and "version 3.5.2 is older than 4.0" in r.output

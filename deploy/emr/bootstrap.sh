@@ -1,6 +1,7 @@
 #!/bin/bash
 # EMR bootstrap action for finelake: runs on every node (primary, core, task) before the cluster
-# starts its applications. It makes the virtualenv and the launcher that the steps of
+# starts its applications. For release emr-spark-8.0.0 (Spark 4.0.2, Delta 4.0.0, Amazon Linux
+# 2023, Python 3.11). It makes the virtualenv and the launcher that the steps of
 # `finelake emr-steps` use:
 #
 #   /opt/finelake/venv/             Python 3.11 virtualenv with the finelake wheel, its
@@ -8,6 +9,17 @@
 #   /opt/finelake/finelake_job.py   launcher: spark-submit /opt/finelake/finelake_job.py <task> ...
 #   /opt/finelake/hf/               Hugging Face cache (HF_HOME of the driver and the executors,
 #                                   writable by the YARN containers' user) and, with $3, its token
+#
+# and mounts the cgroup v1 devices hierarchy that YARN's GPU isolation needs on Amazon Linux 2023
+# (/spark-rapids-cgroup, the path deploy/emr/configurations.json gives YARN; EMR release guide,
+# "Use the Nvidia RAPIDS Accelerator for Apache Spark", bootstrap action for 7.x releases).
+#
+# Options (before the arguments):
+#   --no-yarn-gpu   do not mount the cgroup (a cluster created without configurations.json)
+#   --serve SPEC    also start `vllm serve` endpoints on this node for the openai-backend
+#                   profiles: runs vllm_serve.sh (taken from the wheel's folder, so upload it next
+#                   to the wheel) with the virtualenv's vllm; SPEC as in that script
+#                   ('8001=MODEL [vllm serve options];8002=...'). Nodes without a GPU start none.
 #
 # Arguments (Args of the bootstrap action):
 #   $1  the wheel, an s3:// URI (or a local path / https URL pip can install)
@@ -20,18 +32,40 @@
 #       allowed secretsmanager:GetSecretValue on it. The token is written to $HOME_DIR/hf/token,
 #       readable by the node's users (the YARN containers run as another user than this script).
 #
-#   aws emr create-cluster ... --bootstrap-actions \
+#   aws emr create-cluster --release-label emr-spark-8.0.0 ... \
+#     --configurations file://deploy/emr/configurations.json --bootstrap-actions \
 #     Path=s3://BUCKET/finelake/bootstrap.sh,Args=[s3://BUCKET/finelake/finelake-0.1.0-py3-none-any.whl]
 #
 # Environment: FINELAKE_PYTHON (default python3.11), FINELAKE_HOME (default /opt/finelake),
 # PIP_INDEX_URL / PIP_EXTRA_INDEX_URL (a private mirror) are honoured.
 set -euo pipefail
 
-WHEEL="${1:?usage: bootstrap.sh s3://.../finelake-<version>-py3-none-any.whl [extras]}"
+YARN_GPU=1
+SERVE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-yarn-gpu) YARN_GPU=0; shift ;;
+    --serve) SERVE="${2:?--serve needs a SPEC}"; shift 2 ;;
+    --) shift; break ;;
+    -*) echo "bootstrap.sh: unknown option $1" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+
+WHEEL="${1:?usage: bootstrap.sh [--no-yarn-gpu] [--serve SPEC] s3://.../finelake-<version>-py3-none-any.whl [extras [hf-secret-id]]}"
 EXTRAS="${2-cluster}"
 HF_SECRET="${3:-}"
 PY="${FINELAKE_PYTHON:-python3.11}"
 HOME_DIR="${FINELAKE_HOME:-/opt/finelake}"
+
+# YARN's GPU isolation (LinuxContainerExecutor with cgroups, configurations.json) needs a cgroup
+# v1 devices hierarchy, which Amazon Linux 2023 does not mount; every NodeManager reads the same
+# yarn-site, so every node gets it, with or without a GPU.
+if [ "$YARN_GPU" = 1 ] && ! mountpoint -q /spark-rapids-cgroup/devices; then
+  sudo mkdir -p /spark-rapids-cgroup/devices
+  sudo mount -t cgroup -o devices cgroupv1-devices /spark-rapids-cgroup/devices
+  sudo chmod a+rwx -R /spark-rapids-cgroup
+fi
 
 # finelake needs Python >= 3.10; Amazon Linux 2023 (EMR 7 and later) packages 3.11 beside 3.9.
 if ! command -v "$PY" >/dev/null 2>&1; then
@@ -86,3 +120,13 @@ PY
 # (-I: not the current directory's or PYTHONPATH's modules, only the virtualenv's)
 "$HOME_DIR/venv/bin/python" -I -c "import finelake.cli, finelake.jobs.pipeline"
 echo "finelake installed in $HOME_DIR/venv from $WHEEL [$EXTRAS]"
+
+if [ -n "$SERVE" ]; then
+  SERVE_SCRIPT="$HOME_DIR/vllm_serve.sh"
+  case "$WHEEL" in
+    s3://*) aws s3 cp --only-show-errors "$(dirname "$WHEEL")/vllm_serve.sh" "$SERVE_SCRIPT" ;;
+    *) cp "$(dirname "$WHEEL")/vllm_serve.sh" "$SERVE_SCRIPT" ;;
+  esac
+  FINELAKE_VLLM="$HOME_DIR/venv/bin/vllm" HF_HOME="$HOME_DIR/hf" \
+    FINELAKE_VLLM_LOG_DIR="$HOME_DIR/logs" bash "$SERVE_SCRIPT" "$SERVE"
+fi
