@@ -6,7 +6,7 @@ Reading Delta through ``DeltaTable.to_pyarrow_table()`` made a process abort at 
 times through ``tools/exit_check.py`` (which CI runs with 50 runs per command): 24 bare reads of
 every table, 3 ``finelake tables``, 3 ``finelake sql`` and 1 ``finelake report`` on a lake of every
 table with three files each. With ``to_pyarrow_table`` back in ``read_delta`` it failed
-(6 of 24 bare reads aborted). About 40 s on an idle 2-core machine.
+(4 of 24 bare reads aborted). 60 s on the shared 2-core machine at load average 16 (19 s of CPU).
 """
 
 import os

@@ -129,3 +129,15 @@ def test_local_sql_matches_spark_sql(spark, tmp_path):
     got, more = LocalSQL(lk, [DOCUMENTS]).sql(query, limit=2)
     assert [tuple(r.values()) for r in got.to_pylist()] == [tuple(r) for r in want.collect()[:2]]
     assert show_string(got, more) == want._show_string(2, 80, False)
+
+
+def test_the_lake_and_its_sql_import_no_spark():
+    """finelake tables / sql / report start in about a second because importing the lake does
+    not import PySpark (the delta-spark engine imports it in its methods)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, finelake.lake, finelake.lake.query, finelake.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyspark', 'delta', 'py4j')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

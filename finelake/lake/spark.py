@@ -7,7 +7,6 @@ import Spark (``finelake tables``, ``report`` and ``sql`` run without it).
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import pyarrow as pa
@@ -18,8 +17,6 @@ from finelake.lake.buckets import KEY_BUCKET, bucket_filter, key_bucket_sql
 from finelake.lake.errors import LakeError
 from finelake.lake.rows import conform, dedupe_on_key
 from finelake.tables import TableDef
-
-log = logging.getLogger("finelake.lake")
 
 
 def local_path(uri: str) -> str:
