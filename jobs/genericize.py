@@ -33,13 +33,11 @@ from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, cou
                                   job_main, limit_ordered, map_rows, model_label, model_spec,
                                   quarantine_failures, record_meter, require, unfinished)
 from finelake.method import prompts, templates
-from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
+from finelake.resources import chunk_size, model_resources, plan_stage
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import GENERICIZATIONS, QUERIES, TEMPLATES
 
 STAGE = "genericize"
-RESOURCES = MODEL_STAGE
-"""One GPU per task where the cluster has GPUs (the generator; see :mod:`finelake.resources`)."""
 log = logging.getLogger(__name__)
 
 
@@ -124,7 +122,7 @@ def run_genericize(ctx: StageContext, max_queries=None, max_documents=None) -> S
     fn = functools.partial(genericize_rows, spec=spec, mode=gcfg.mode, max_slots=gcfg.max_slots,
                            prompt_version=gcfg.prompt_version, max_attempts=gcfg.max_attempts)
     # One GPU per task on GPU clusters; chunks big enough for a whole batch per GPU task.
-    plan = plan_stage(ctx.spark, RESOURCES)
+    plan = plan_stage(ctx.spark, model_resources(spec))
     meter = call_meter(ctx.spark)
     size = chunk_size(gcfg.chunk_rows, spec["batch_size"], plan.tasks)
     log.info("%s: %s; %d queries per chunk", STAGE, plan.note, size)

@@ -38,13 +38,11 @@ from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, cou
                                   quarantine_failures, record_meter, require, stable_hash,
                                   unfinished)
 from finelake.method import prompts
-from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
+from finelake.resources import chunk_size, model_resources, plan_stage
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import DOCUMENTS, INSTANTIATIONS, MATCHES, TEMPLATES
 
 STAGE = "instantiate"
-RESOURCES = MODEL_STAGE
-"""One GPU per task where the cluster has GPUs (the generator; see :mod:`finelake.resources`)."""
 log = logging.getLogger(__name__)
 
 
@@ -146,7 +144,7 @@ def run_instantiate(ctx: StageContext, max_queries=None, max_documents=None) -> 
                            tokenizer=cfg.tokenizer.model, max_attempts=ic.max_attempts)
     # One GPU per task on GPU clusters; chunks of documents whose matches fill a batch per task
     # (matches per document from the whole scope, so a resumed run sizes chunks the same).
-    plan = plan_stage(ctx.spark, RESOURCES)
+    plan = plan_stage(ctx.spark, model_resources(spec))
     meter = call_meter(ctx.spark)
     size = chunk_size(ic.chunk_documents, spec["batch_size"], plan.tasks,
                       stats.rows_in / n_docs if n_docs else 1.0)

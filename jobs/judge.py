@@ -31,13 +31,11 @@ import pandas as pd
 
 from finelake.jobs.common import (RETRY_MERGE, call_meter, commit_in_chunks, job_main, map_rows,
                                   quarantine_failures, record_meter, require, unfinished)
-from finelake.resources import MODEL_STAGE, chunk_size, plan_stage
+from finelake.resources import chunk_size, model_resources, plan_stage
 from finelake.runtime import StageContext, StageStats
 from finelake.tables import INSTANTIATIONS, JUDGMENTS
 
 STAGE = "judge"
-RESOURCES = MODEL_STAGE
-"""One GPU per task where the cluster has GPUs (the judge; see :mod:`finelake.resources`)."""
 log = logging.getLogger(__name__)
 
 
@@ -99,7 +97,7 @@ def run_judge(ctx: StageContext, max_queries=None, max_documents=None) -> StageS
                                prompt_version=cfg.judge.prompt_version,
                                max_attempts=cfg.judge.max_attempts)
         # One GPU per task on GPU clusters, each task's rows in judge calls of batch_size.
-        plan = plan_stage(ctx.spark, RESOURCES)
+        plan = plan_stage(ctx.spark, model_resources(spec))
         meter = call_meter(ctx.spark)
         size = chunk_size(cfg.judge.chunk_rows, spec["batch_size"], plan.tasks)
         log.info("%s: %s; %d pairs per chunk", STAGE, plan.note, size)

@@ -53,10 +53,15 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
             (None values: the defaults, see :func:`finelake.jobs.ingest.run_ingest`).
 
     Raises:
+        ConfigError: before ingest, when the session's GPU settings cannot run the model stages
+            (dynamic allocation with GPU executors, a tensor-parallel size the executors cannot
+            hold: :func:`finelake.resources.refuse_gpu_settings`).
         FinelakeError: after ingest, when the queries or documents table has no row.
     """
     from finelake.jobs.ingest import run_ingest, sample_path
+    from finelake.resources import refuse_gpu_settings
 
+    refuse_gpu_settings(ctx.cfg, ctx.spark)  # before any stage: a run that would hang fails now
     if queries is None and documents is None:
         queries, documents = sample_path("queries.jsonl"), sample_path("documents.jsonl")
     out: list[StageStats] = []

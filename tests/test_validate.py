@@ -130,3 +130,24 @@ def test_static_settings_that_differ_in_the_running_session_are_reported(spark):
     cfg.spark.conf = {"spark.sql.shuffle.partitions": "7"}
     cfg.spark.master = spark.sparkContext.master
     assert session_mismatches(cfg, spark) == []
+
+
+def test_dynamic_allocation_with_gpu_executors_is_refused_naming_the_setting(tmp_path, no_session):
+    path = _profile_with(tmp_path, "extends: databricks\nspark:\n  conf:\n"
+                                   "    spark.dynamicAllocation.enabled: 'true'\n"
+                                   "    spark.dynamicAllocation.shuffleTracking.enabled: 'true'\n")
+    r = _validate("--conf", path)
+    assert r.exit_code != 0
+    assert "spark.conf.spark.dynamicAllocation.enabled=true with GPU executors" in r.output
+    assert "Set spark.dynamicAllocation.enabled=false" in r.output
+
+
+def test_tensor_parallel_size_is_checked_against_the_executors_gpus(tmp_path, no_session):
+    r = _validate("--conf", "databricks", "--set", "models.judge.options.tensor_parallel_size=2")
+    assert r.exit_code != 0
+    assert "models.judge.options.tensor_parallel_size=2 needs 2 GPUs per task" in r.output
+    path = _profile_with(tmp_path, "extends: databricks\nspark:\n  conf:\n"
+                                   "    spark.executor.resource.gpu.amount: '4'\n"
+                                   "models:\n  judge:\n    options:\n      tensor_parallel_size: 2\n")
+    r = _validate("--conf", path)
+    assert r.exit_code == 0, r.output
