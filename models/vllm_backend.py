@@ -13,6 +13,8 @@ requests get ``error`` (:func:`~finelake.models.generation.run_isolated`); a dea
 process; finelake starts it behind a parent-death guard (:mod:`finelake.models.engine_guard`), so
 the engine dies with the Spark Python worker that built it even when Spark kills that worker
 (idle timeout, SIGKILL: no finalizer runs) and never stays behind holding the GPU.
+If the engine core dies during a call (killed, crashed), the call raises vLLM's
+``EngineDeadError`` rather than waiting forever (:func:`finelake.models.engine_guard.watch`).
 ``in_process: true`` keeps the engine core inside the worker instead.
 
 Options: ``tensor_parallel_size`` (default 1), ``dtype`` (default ``auto``; use ``float32`` with
@@ -134,6 +136,10 @@ class VLLMGenerator(GenerationBackend):
         kwargs.update(engine_args or {})
         self.engine_kwargs = kwargs
         self.llm = load_engine(**kwargs)
+        from finelake.models.engine_guard import watch
+
+        # a dead engine core must fail the waiting call, not leave it blocked (engine_guard)
+        self._watch = None if in_process else watch(self.llm)
         self.chat_template = chat_template
         self.eos_ids: set[int] = set()
         try:
@@ -286,6 +292,8 @@ class VLLMGenerator(GenerationBackend):
         llm, self.llm = self.llm, None
         if llm is None:
             return
+        if getattr(self, "_watch", None) is not None:
+            self._watch.set()  # shutting down on purpose: not a dead engine
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             try:
