@@ -30,7 +30,8 @@ it and the UDF layer evicts the engine (:mod:`finelake.faults`).
 
 Linux delivers the signal when the *thread* that started the child ends, so the engine must be
 built on a thread that lives as long as the engine: a Spark Python worker's main thread (where
-UDFs run) is one. Elsewhere than Linux the guard is not installed (:func:`install` returns False).
+UDFs run) is one; an engine built on another thread is left unguarded, with a warning. Elsewhere
+than Linux the guard is not installed (:func:`install` returns False).
 The alternative lifecycle, ``in_process: true`` (:mod:`finelake.models.vllm_backend`), runs the
 engine core inside the worker, so it cannot outlive it; it gives up vLLM's overlap of scheduling
 with the forward pass and fixes the worker's CUDA devices at its first load.
@@ -76,16 +77,19 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
 
 
 def guard_this_process() -> bool:
-    """Run in a freshly started child: die with the parent (:func:`set_parent_death_signal`) and
-    exit now if the parent named by ``$FINELAKE_ENGINE_PARENT_PID`` is already gone (it died
-    between ``fork`` and ``prctl``, so no signal would ever come).
+    """Run in a freshly started child whose parent set ``$FINELAKE_ENGINE_PARENT_PID``
+    (:func:`install`): die with the parent (:func:`set_parent_death_signal`), and exit now if that
+    parent is already gone (it died between ``fork`` and ``prctl``, so no signal would come).
+    Without the variable (an engine started off a main thread) nothing is armed.
 
     Returns:
         Whether the parent-death signal is armed.
     """
-    armed = set_parent_death_signal(signal.SIGKILL)
     expected = os.environ.get(PARENT_ENV)
-    if expected and expected.isdigit() and os.getppid() != int(expected):
+    if not (expected and expected.isdigit()):
+        return False
+    armed = set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != int(expected):
         os._exit(1)  # orphaned before the guard was armed: nothing would ever stop this engine
     return armed
 
@@ -107,13 +111,18 @@ def run_engine_core(*args: Any, **kwargs: Any) -> Any:
 def install() -> bool:
     """Make every vLLM engine-core process this process starts from now on die with it.
 
-    Idempotent. Sets ``$FINELAKE_ENGINE_PARENT_PID`` to this pid (the child checks it).
+    Idempotent. Sets ``$FINELAKE_ENGINE_PARENT_PID`` to this pid (the child checks it). Called
+    off the process's main thread it arms nothing (Linux would signal the engine when *that*
+    thread ends) and returns False.
 
     Returns:
-        True when installed (or already); False when this vLLM has no
+        True when installed (or already); False off the main thread, when this vLLM has no
         ``vllm.v1.engine.core.EngineCoreProc.run_engine_core`` (another layout: the caller should
         warn that engines are unguarded) or the platform is not Linux.
     """
+    if threading.current_thread() is not threading.main_thread():
+        os.environ.pop(PARENT_ENV, None)
+        return False
     if not sys.platform.startswith("linux"):
         return False
     try:

