@@ -139,3 +139,15 @@ def test_model_calls_are_logged_with_their_duration_and_error(fresh_cache):
         ("call_start", 2, None), ("call_end", 2, "RuntimeError")]
     assert all(e["seconds"] >= 0 for e in calls if e["event"] == "call_end")
     assert calls[0]["t"] <= calls[1]["t"] <= calls[2]["t"]
+
+
+def test_evicting_a_judge_closes_its_engine():
+    """The llm judge holds a generator (a vLLM engine on clusters): evicting the judge must shut
+    that engine down, not leave it to the garbage collector."""
+    from finelake.models.judge import LLMJudge
+
+    gen = Model("judge-engine")
+    gen.model_id = "vllm:m"
+    cache.get_or_load("judge", {"m": "j"}, lambda: LLMJudge(gen, max_tokens=64))
+    assert cache.evict("judge", {"m": "j"}, reason="EngineDeadError: gone")
+    assert gen.closed
