@@ -97,6 +97,7 @@ def test_a_worker_keeps_its_leased_gpu_and_its_model_across_tasks(monkeypatch, t
     from finelake.udfs import gpu_lease
 
     monkeypatch.setenv(gpu_lease.LOCK_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("FINELAKE_WORKER_POOL", "models")  # a model stage's worker
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assigned = iter([["1"], ["0"], ["0"]])
     monkeypatch.setattr(cache, "task_gpus", lambda: next(assigned))
@@ -115,6 +116,7 @@ def test_a_stage_needing_more_gpus_evicts_and_takes_a_new_lease(monkeypatch, tmp
     from finelake.udfs import gpu_lease
 
     monkeypatch.setenv(gpu_lease.LOCK_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("FINELAKE_WORKER_POOL", "models")
     assigned = iter([["0"], ["0", "1"]])
     monkeypatch.setattr(cache, "task_gpus", lambda: next(assigned))
     a = cache.get_or_load("generator", {"m": "a"}, lambda: Model("a"))
@@ -151,3 +153,16 @@ def test_evicting_a_judge_closes_its_engine():
     cache.get_or_load("judge", {"m": "j"}, lambda: LLMJudge(gen, max_tokens=64))
     assert cache.evict("judge", {"m": "j"}, reason="EngineDeadError: gone")
     assert gen.closed
+
+
+def test_a_cpu_stage_worker_leases_nothing(monkeypatch, tmp_path, fresh_cache):
+    """Outside the model pool a task holds a fraction of a GPU (CPU stages): the model is pinned
+    to the task's address and no GPU is leased, so it can never keep a model worker waiting."""
+    from finelake.udfs import gpu_lease
+
+    monkeypatch.setenv(gpu_lease.LOCK_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv("FINELAKE_WORKER_POOL", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(cache, "task_gpus", lambda: ["1"])
+    cache.get_or_load("generator", {"m": "client"}, lambda: Model("c"))
+    assert gpu_lease.held() == [] and os.environ["CUDA_VISIBLE_DEVICES"] == "1"

@@ -22,7 +22,10 @@ the engine process it spawns), not GPU 0. Spark reuses idle workers first in, fi
 executor with several GPUs the address it names for a task changes between jobs; the worker keeps
 its leased GPU instead, so its model stays loaded across chunks and stages and is never reloaded
 onto a GPU another worker fills. Spark's GPU accounting still bounds how many model tasks run at
-once. This was chosen over refusing multi-GPU executors because Databricks runs one executor per
+once. Only workers of the model stages' pool (``$FINELAKE_WORKER_POOL=models``,
+:func:`finelake.resources.model_worker_pool`, where tasks hold whole GPUs) take a lease; a task
+of a CPU stage that holds a fraction of a GPU (and loads, say, an endpoint client) is pinned to
+its address as before and leases nothing. This was chosen over refusing multi-GPU executors because Databricks runs one executor per
 node (4-8 GPUs), which a refusal would leave unusable except through tensor parallelism. A stage
 whose tasks need another number of GPUs (``tensor_parallel_size``) evicts the worker's model and
 takes a new lease.
@@ -53,8 +56,9 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
+from finelake.resources import MODEL_POOL_ENV
 from finelake.udfs import gpu_lease
 
 log = logging.getLogger(__name__)
@@ -208,7 +212,7 @@ def get_or_load(kind: str, spec: dict, loader: Callable[[], Any], exclusive: boo
     assigned = task_gpus() if exclusive else []
     with _LOCK:
         gpus = assigned
-        if assigned:
+        if assigned and os.environ.get(MODEL_POOL_ENV) == "models":
             if len(gpu_lease.held()) not in (0, len(assigned)):  # another tensor-parallel size
                 for other in list(_EXCLUSIVE):
                     _evict(other, other.split(":", 1)[0],
