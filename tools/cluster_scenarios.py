@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+SLICE = dict(queries=200, documents=40)
+"""Lines of the shipped sample that every run ingests."""
 PAUSE_S = 80
 """run 1's pause between judge chunks: past the idle timeout and the monitor's 10 s tick."""
 JUDGE_SETS = ["--set", "judge.chunk_rows=3", "--set", "models.judge.batch_size=1"]
@@ -44,6 +47,25 @@ SCENARIOS = ("idle-gap", "engine-kill", "multi-gpu", "dynamic-allocation", "serv
 
 
 # ----------------------------------------------------------------------------- runs and lakes
+
+
+def sample_slice(workdir: Path) -> tuple[Path, Path]:
+    """The first lines of the shipped sample (:data:`SLICE`) as JSONL files in ``workdir``, so
+    that ingest (which reads every input row) stays short; both runs ingest these."""
+    out = []
+    for name, n in (("queries", SLICE["queries"]), ("documents", SLICE["documents"])):
+        src = Path(__file__).resolve().parent.parent / "sample" / f"{name}.jsonl"
+        lines = src.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+        dst = workdir / f"{name}.jsonl"
+        dst.write_text("".join(lines), encoding="utf-8")
+        out.append(dst)
+    return out[0], out[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_logged(cmd: list[str], log_path: Path, env: dict, on_line=None, show=True) -> int:
@@ -278,8 +300,10 @@ def start_server(port: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", hf_path("embedded:smollm2-135m-instruct"), "--served-model-name", "smollm2",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-           "--max-model-len", "2048", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.15"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1")
+           "--max-model-len", "2048", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.15",
+           "--kv-cache-memory-bytes", "268435456"]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     with open(log, "w") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
