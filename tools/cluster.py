@@ -269,10 +269,16 @@ class Flow:
             sc.copy_lake(self.lake, self.mgpu_lake)
             self.times["copy lakes"] = round(time.monotonic() - t0, 1)
         if "serving" in self.want:
-            self.server_t0 = time.monotonic()
+            t0 = time.monotonic()
             self.server = sc.start_server(self.server_port, self.wd / "vllm-server.log")
-        if "dynamic-allocation" in self.want:
-            self.timed("dynamic-allocation", self.dynamic_allocation)
+
+            def up() -> None:
+                ok = sc.wait_server(self.server, self.server_port)
+                self.times["vLLM server start"] = round(time.monotonic() - t0, 1)
+                self.server_up = ok is not None
+
+            self.server_wait = threading.Thread(target=up, daemon=True)
+            self.server_wait.start()
         if "multi-gpu" in self.want:
             self.mgpu_t0 = time.monotonic()
             self.cluster.add_worker(2, ["0", "1"], self.wd / "model-events-multigpu.jsonl")
@@ -280,10 +286,12 @@ class Flow:
             prof = sc.multi_gpu_profile(self.wd / "multi-gpu.yaml")
             cmd = self.submit(ROOT / "tools" / "cluster_stages.py", [
                 "--stages", "genericize,judge", *self.common(self.mgpu_lake, str(prof)),
-                "--max-queries", "150"])
+                "--max-queries", "120"])
             log = open(self.wd / "multigpu.log", "w")
             self.mgpu = subprocess.Popen(cmd, env=self.submit_env, stdout=log,
                                          stderr=subprocess.STDOUT, cwd=ROOT)
+        if "dynamic-allocation" in self.want:
+            self.timed("dynamic-allocation", self.dynamic_allocation)
         if self.watch is not None:
             left = self.pause["start"] + sc.PAUSE_S - 3 - time.time()
             time.sleep(max(0.0, left))
@@ -319,9 +327,8 @@ class Flow:
                                      f"{self.wd / 'multigpu.log'}")
             self.cluster.stop_one("worker2")  # runs 2 and 3 keep the one-GPU workers
         if self.server is not None:
-            up = sc.wait_server(self.server, self.server_port)
-            self.times["vLLM server start"] = round(time.monotonic() - self.server_t0, 1)
-            if up is None:
+            self.server_wait.join()
+            if not self.server_up:
                 self.failures.append(f"serving: the vLLM server did not come up: see "
                                      f"{self.wd / 'vllm-server.log'}")
                 sc.stop_process_group(self.server)
@@ -398,7 +405,7 @@ class Flow:
         if "end" not in self.pause or self.watch is None:
             return ["idle-gap: run 1 did not pause and resume"], ""
         return check_idle_gap(events, (self.pause["start"], self.pause["end"]), self.watch.report(),
-                              self.pause["workers"], self.pause["alive_after"])
+                              self.pause["workers"], self.pause.get("alive_after", set()))
 
     def check_engine_kill(self, events):
         strip = lambda rows: [{k: v for k, v in r.items() if k != "run_id"} for r in rows]  # noqa: E731

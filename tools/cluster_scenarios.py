@@ -129,7 +129,7 @@ class EngineWatch(threading.Thread):
 
     def __init__(self, sessions: set[int], period: float = 1.0):
         super().__init__(daemon=True)
-        self.sessions, self.period, self._stop = sessions, period, threading.Event()
+        self.sessions, self.period, self._halt = sessions, period, threading.Event()
         self.parent: dict[int, int] = {}
         self.title: dict[int, str] = {}
         self.orphaned: dict[int, list[float]] = {}  # pid -> [first, last] time seen orphaned
@@ -145,12 +145,12 @@ class EngineWatch(threading.Thread):
                 if self.parent[pid] not in table:
                     self.orphaned.setdefault(pid, [now, now])[1] = now
             self.last_table = table
-            if self._stop.wait(self.period):
+            if self._halt.wait(self.period):
                 break
         self.alive_at_end = engine_processes(process_table(), self.sessions)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=30)
 
     def report(self, grace_s: float = 10.0) -> tuple[list[str], dict]:
@@ -175,12 +175,12 @@ class EngineKiller(threading.Thread):
                  timeout: float = 1800.0):
         super().__init__(daemon=True)
         self.load_log, self.since, self.kind = load_log, since, kind
-        self.delay, self.timeout, self._stop = delay, timeout, threading.Event()
+        self.delay, self.timeout, self._halt = delay, timeout, threading.Event()
         self.killed: dict = {}
 
     def run(self) -> None:
         end, offset = time.monotonic() + self.timeout, 0
-        while time.monotonic() < end and not self._stop.is_set():
+        while time.monotonic() < end and not self._halt.is_set():
             if self.load_log.exists():
                 with open(self.load_log, encoding="utf-8") as f:
                     f.seek(offset)
@@ -202,7 +202,7 @@ class EngineKiller(threading.Thread):
             time.sleep(0.2)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -240,11 +240,11 @@ def multi_gpu_profile(path: Path) -> Path:
                                    "spark.executor.cores": "2", "spark.cores.max": "2"})
         d["genericize"]["model"] = {"backend": "load", "model": "load", "batch_size": 8,
                                     "max_tokens": 96, "options": {"null_rate": 0.0}}
-        d["genericize"]["chunk_rows"] = 30
+        d["genericize"]["chunk_rows"] = 40   # 120 queries in scope: 4 chunks
         d["models"]["judge"] = {"backend": "llm", "model": "load", "batch_size": 1,
                                 "max_tokens": 64, "options": {"inner_backend": "load",
                                                               "format": "json"}}
-        d["judge"]["chunk_rows"] = 2
+        d["judge"]["chunk_rows"] = 2         # ~6 pairs: 4 chunks
     return write_profile(path, "cluster-sim", edit)
 
 
