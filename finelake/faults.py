@@ -15,17 +15,27 @@ kind           matched in the exception's class names (its MRO) or the error tex
 ``engine``     ``EngineDeadError`` (vLLM), "engine core ... died/dead/failed", "engine is dead",
                ``ConnectionError`` (refused, reset, aborted), ``APIConnectionError``,
                ``BrokenPipeError``, "connection refused/reset", "server disconnected"
+``cuda``       the device or its collective library failed: "CUDA error" (any), "illegal memory
+               access", "uncorrectable ECC", ``cudaError…`` codes, ``AcceleratorError`` /
+               ``CudaError`` (torch), "NCCL" / ``nccl…Error`` (a GPU of a tensor-parallel group)
 ``http``       ``RateLimitError``, ``InternalServerError`` (openai SDK), HTTP 429 and 5xx
                ("Error code: 503", "status 429", "Too Many Requests", "Service Unavailable",
                "Bad Gateway", "Gateway Timeout")
 =============  ==================================================================================
 
+Kinds are tried in the order ``oom``, ``engine``, ``cuda``, ``http``, ``timeout``: "CUDA error: out
+of memory" is ``oom``, "NCCL watchdog timeout" is ``cuda``.
+
 Everything else is **permanent** (``classify`` returns None): a bad request (HTTP 400), a reply
 that does not parse, a prompt that does not fit, a configuration error. Retrying those would
 give the same failure.
 
-**Engine-level** faults (``oom`` and ``engine``) also mean the worker's model is no longer usable:
-the UDF layer closes and drops it so the next batch reloads it.
+**Engine-level** faults (``oom``, ``engine`` and ``cuda``) raised by a model call mean the
+worker's model is no longer usable: the UDF layer closes and drops it so the next batch reloads it.
+A **dead engine** (``engine`` and ``cuda``: :func:`is_engine_dead`) cannot serve another request,
+so the bisecting batch runner (:func:`finelake.models.generation.run_isolated`) raises it at once
+instead of trying the batch's halves on it; an ``oom`` inside a batch is bisected (half the batch
+may fit), and a single request that still runs out of memory is that row's transient error.
 
 **Rows.** A row of genericize / instantiate / judge whose model call failed gets, through
 :func:`settle`, status ``retry`` (transient, attempts left: the next run tries it again) or
@@ -44,9 +54,11 @@ RETRY = "retry"
 ERROR = "error"
 """Status of a row that failed for good (permanent error, or out of attempts): quarantined."""
 
-TRANSIENT_KINDS = ("timeout", "oom", "engine", "http")
-ENGINE_KINDS = ("oom", "engine")
+TRANSIENT_KINDS = ("timeout", "oom", "engine", "cuda", "http")
+ENGINE_KINDS = ("oom", "engine", "cuda")
 """Kinds after which the worker's cached model is evicted."""
+DEAD_ENGINE_KINDS = ("engine", "cuda")
+"""Kinds after which the engine cannot run another request (no bisection: :func:`is_engine_dead`)."""
 
 _PATTERNS: list[tuple[str, re.Pattern]] = [
     ("oom", re.compile(r"\bOutOfMemoryError\b|\bMemoryError\b|out of memory|\bOOM\b", re.I)),
@@ -55,6 +67,9 @@ _PATTERNS: list[tuple[str, re.Pattern]] = [
         r"\bAPIConnectionError\b|\bConnection(Refused|Reset|Aborted)?Error\b|BrokenPipeError|"
         r"connection (was )?(refused|reset|aborted)|server disconnected|RemoteProtocolError",
         re.I)),
+    ("cuda", re.compile(
+        r"CUDA error|illegal memory access|uncorrectable ECC|\bcudaError\w*|"
+        r"\bAcceleratorError\b|\bCudaError\b|\bNCCL\b|\bnccl\w*Error\b", re.I)),
     ("http", re.compile(
         r"\bRateLimitError\b|\bInternalServerError\b|\bServiceUnavailableError\b|"
         r"(error code|status(?: code)?|http(?:/[\d.]+)?)\s*[:=]?\s*(429|5\d\d)\b|"
@@ -95,6 +110,13 @@ def is_transient(error: Union[BaseException, str, None]) -> bool:
 def is_engine_fault(error: Union[BaseException, str, None]) -> bool:
     """Whether ``error`` means the model itself is gone or out of memory (evict and reload it)."""
     return classify(error) in ENGINE_KINDS
+
+
+def is_engine_dead(error: Union[BaseException, str, None]) -> bool:
+    """Whether ``error`` means the engine (or its GPU) cannot run another request: a dead engine
+    process or a CUDA/NCCL failure (kinds ``engine`` and ``cuda``). Such an error is raised past
+    the batch runner so the UDF layer evicts the model; it is never bisected."""
+    return classify(error) in DEAD_ENGINE_KINDS
 
 
 def settle(reason: str, attempts: int, max_attempts: int) -> tuple[str, str]:

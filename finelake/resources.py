@@ -16,6 +16,13 @@ A model stage declares its needs once, as a :class:`Resources` (in the spirit of
 * Elsewhere (``local[*]``, a CPU cluster) there is no profile and the stage spreads over
   ``defaultParallelism`` tasks as before.
 
+A stage's needs follow its model (:func:`model_resources`): a vLLM engine with
+``tensor_parallel_size: N`` spans N GPUs, so its task asks for N; a model behind an endpoint
+(``backend: openai``) needs none. Settings with which the model stages could never get their
+GPUs (dynamic allocation with GPU executors, a tensor-parallel size larger than or not dividing
+the executor's GPUs) are refused, naming the setting (:func:`gpu_settings_problems`): by
+``finelake validate``, before ``finelake run`` starts its first stage, and by :func:`plan_stage`.
+
 ``StagePlan.tasks`` is how many tasks of the stage run at once (GPUs in the cluster / GPUs per
 task): the number of partitions a chunk of model work is spread over, so each task's engine call
 sees ``batch_size`` prompts rather than a handful (:func:`chunk_size`).
@@ -80,22 +87,152 @@ class Resources:
 MODEL_STAGE = Resources(gpus=1)
 """What genericize, match, instantiate and judge declare: one GPU per task (its model)."""
 
-SERVED_BACKENDS = frozenset({"openai"})
-"""Backends whose model runs behind a server (``vllm serve``, Databricks Model Serving, an API):
-the executors only send requests."""
+ENDPOINT_BACKENDS = ("openai",)
+"""Backends whose model runs behind an endpoint (a server), not in the Spark task: no GPU."""
+
+
+def tensor_parallel_size(model_cfg: Any) -> int:
+    """GPUs one copy of the model spans: vLLM's ``tensor_parallel_size`` option (of the model, or
+    of a judge whose ``inner_backend`` is vLLM); 1 otherwise.
+
+    Args:
+        model_cfg: a :class:`~finelake.config.ModelConfig` or its dict (``backend``, ``options``).
+
+    Raises:
+        ValueError: ``tensor_parallel_size`` is not a whole number >= 1.
+    """
+    d = model_cfg.model_dump() if hasattr(model_cfg, "model_dump") else dict(model_cfg)
+    opts = d.get("options") or {}
+    if d.get("backend") != "vllm" and opts.get("inner_backend") != "vllm":
+        return 1
+    tp = opts.get("tensor_parallel_size", 1)
+    if isinstance(tp, bool) or not str(tp).strip().isdigit() or int(tp) < 1:
+        raise ValueError(f"tensor_parallel_size must be a whole number >= 1, not {tp!r}")
+    return int(tp)
+
+
+def model_resources(model_cfg: Any) -> Resources:
+    """What a model stage's task needs for this model: ``Resources(gpus=tensor_parallel_size)``
+    (vLLM: one engine spans that many GPUs, so Spark must give its task that many addresses),
+    ``Resources(gpus=0)`` for a model behind an endpoint (``backend: openai``: the task only sends
+    requests), :data:`MODEL_STAGE` otherwise.
+
+    Raises:
+        ValueError: a bad ``tensor_parallel_size`` (:func:`tensor_parallel_size`).
+    """
+    d = model_cfg.model_dump() if hasattr(model_cfg, "model_dump") else dict(model_cfg)
+    if d.get("backend") in ENDPOINT_BACKENDS or (d.get("options") or {}).get("inner_backend") \
+            in ENDPOINT_BACKENDS:
+        return Resources(gpus=0)
+    tp = tensor_parallel_size(d)
+    return MODEL_STAGE if tp == 1 else Resources(gpus=tp)
+
+
+def _truthy(v: Optional[str]) -> bool:
+    return str(v).strip().lower() == "true"
+
+
+def gpu_settings_problems(conf: dict, gpu_models: Optional[dict] = None) -> list[str]:
+    """Spark settings with which the model stages cannot run on GPU executors, each naming the
+    setting and what to set instead.
+
+    * ``spark.dynamicAllocation.enabled=true`` with GPU executors: model stages ask for GPU
+      executors through stage-level scheduling while the default profile's executors hold every
+      GPU and, holding cached data, are never released
+      (``spark.dynamicAllocation.cachedExecutorIdleTimeout`` defaults to infinity), so the stage
+      waits forever. Refused (EMR turns dynamic allocation on by default).
+    * A model whose ``tensor_parallel_size`` exceeds ``spark.executor.resource.gpu.amount`` (no
+      executor can run its task) or does not divide it (GPUs left idle).
+
+    Args:
+        conf: Spark settings (key -> string value): the profile's ``spark.conf`` or a session's.
+        gpu_models: dotted key -> tensor-parallel size of each model stage's model (None: none).
+
+    Returns:
+        One line per problem; empty when the settings work.
+    """
+    out: list[str] = []
+    try:
+        exec_gpus = float(conf.get("spark.executor.resource.gpu.amount") or 0)
+    except ValueError:
+        return out  # reported elsewhere as not a number
+    if exec_gpus <= 0:
+        return out
+    if _truthy(conf.get("spark.dynamicAllocation.enabled")):
+        out.append(
+            "spark.dynamicAllocation.enabled=true with GPU executors (spark.executor.resource.gpu."
+            f"amount={exec_gpus:g}): the model stages ask for GPU executors by stage-level "
+            "scheduling while the default executors hold the GPUs and, holding cached data, are "
+            "never released (spark.dynamicAllocation.cachedExecutorIdleTimeout is infinite), so a "
+            "model stage would wait forever. Set spark.dynamicAllocation.enabled=false and a fixed "
+            "spark.executor.instances (EMR enables dynamic allocation by default)")
+    for key, tp in sorted((gpu_models or {}).items()):
+        if tp > exec_gpus:
+            out.append(f"{key}.options.tensor_parallel_size={tp} needs {tp} GPUs per task but an "
+                       f"executor has {exec_gpus:g} (spark.executor.resource.gpu.amount): give "
+                       f"executors a multiple of {tp} GPUs (one executor per node) or lower it")
+        elif exec_gpus % tp:
+            out.append(f"{key}.options.tensor_parallel_size={tp} does not divide the executor's "
+                       f"{exec_gpus:g} GPUs (spark.executor.resource.gpu.amount): "
+                       f"{exec_gpus % tp:g} would stay idle")
+    return out
+
+
+def stage_models(cfg: Any) -> dict[str, int]:
+    """Dotted key -> tensor-parallel size of the model each GPU model stage runs (genericize,
+    instantiate: their own model or ``models.generator``; judge: ``models.judge``), for
+    :func:`gpu_settings_problems`. Models behind an endpoint are left out.
+
+    Raises:
+        ValueError: a bad ``tensor_parallel_size``.
+    """
+    out = {}
+    for key, mc in (("genericize.model", cfg.genericize.model),
+                    ("instantiate.model", cfg.instantiate.model),
+                    ("models.generator", cfg.models.generator), ("models.judge", cfg.models.judge)):
+        if mc is not None and model_resources(mc).uses_gpu:
+            out[key] = tensor_parallel_size(mc)
+    return out
+
+
+def refuse_gpu_settings(cfg: Any, spark) -> None:
+    """Stop before any stage when the running session's settings would leave the model stages
+    without GPUs (:func:`gpu_settings_problems` on :func:`session_conf`): a run that would hang
+    fails at once instead.
+
+    Raises:
+        ConfigError: naming each setting and what to set.
+    """
+    problems = gpu_settings_problems(session_conf(spark), stage_models(cfg))
+    if problems:
+        from finelake.errors import ConfigError
+
+        raise ConfigError("this Spark session cannot run the model stages: " + "; ".join(problems))
+
+
+def session_conf(spark, keys=("spark.executor.resource.gpu.amount",
+                              "spark.dynamicAllocation.enabled")) -> dict:
+    """The running session's values of ``keys`` (absent keys left out; {} under Spark Connect)."""
+    out = {}
+    for k in keys:
+        v = _conf(spark, k)
+        if v is not None:
+            out[k] = v
+    return out
 
 
 def model_stage_resources(backend: str, options: Optional[Mapping[str, Any]] = None) -> Resources:
-    """What a model stage asks of the cluster for its model: :data:`MODEL_STAGE`, or no GPU
-    (``Resources()``) when the model is served (:data:`SERVED_BACKENDS`; for the ``llm`` judge
-    its ``options.inner_backend``), so :func:`plan_stage` schedules the stage on every core.
+    """:func:`model_resources` from a model's ``backend`` and ``options`` (the ``llm`` judge's
+    ``inner_backend`` defaults to vLLM): :data:`MODEL_STAGE`, ``Resources(gpus=tp)`` or no GPU
+    for a model behind an endpoint.
 
-    Args:
-        backend: the model's ``backend`` (``vllm``, ``openai``, ``llm``, ...).
-        options: the model's ``options`` (read for the ``llm`` judge's ``inner_backend``).
+    Raises:
+        ValueError: a bad ``tensor_parallel_size``.
     """
-    inner = (options or {}).get("inner_backend", "vllm") if backend == "llm" else backend
-    return Resources() if inner in SERVED_BACKENDS else MODEL_STAGE
+    opts = dict(options or {})
+    if backend == "llm":
+        opts.setdefault("inner_backend", "vllm")
+    return model_resources({"backend": backend, "options": opts})
 
 
 @dataclass(frozen=True)
@@ -177,6 +314,11 @@ def plan_stage(spark, res: Resources) -> StagePlan:
     master = (_conf(spark, "spark.master", "") or "")
     if not res.uses_gpu or exec_gpus <= 0 or master.startswith("local"):
         return StagePlan(profile=None, tasks=par, note=f"default scheduling, tasks={par}")
+    problems = gpu_settings_problems(session_conf(spark))  # e.g. dynamic allocation: would hang
+    if problems:
+        from finelake.errors import ConfigError
+
+        raise ConfigError("this Spark session cannot run the model stages: " + "; ".join(problems))
     from pyspark.resource import (ExecutorResourceRequests, ResourceProfileBuilder,
                                   TaskResourceRequests)
 

@@ -233,7 +233,8 @@ def _num(conf: dict[str, str], key: str) -> Optional[float]:
 
 def spark_conf_problems(cfg: "FinelakeConfig") -> list[str]:
     """Contradictions inside the profile's own ``spark.conf`` (no session needed): a task asking
-    for more GPUs or CPUs than an executor has, or non-numeric resource amounts.
+    for more GPUs or CPUs than an executor has, non-numeric resource amounts, and GPU settings the
+    model stages cannot run with (:func:`gpu_problems`).
 
     Returns:
         One line per problem, naming the ``spark.conf.<key>``.
@@ -255,6 +256,7 @@ def spark_conf_problems(cfg: "FinelakeConfig") -> list[str]:
     if cores and cpus and cpus > cores:
         out.append(f"spark.conf.spark.task.cpus: {cpus:g} CPUs per task, more than an executor's "
                    f"{cores:g} cores (spark.executor.cores)")
+    out += gpu_problems(cfg, conf, "spark.conf.")
     return out
 
 
@@ -286,6 +288,20 @@ def spark_version_problem(version: str) -> Optional[str]:
             "Spark 4 (model stages pass profile= to mapInArrow/mapInPandas, tables are read with "
             "DataFrame.toArrow); on EMR use release emr-spark-8.0.0 (EMR 7.x ships Spark 3.5), on "
             "Databricks Runtime 17.3 LTS or later")
+
+
+def gpu_problems(cfg: "FinelakeConfig", conf: dict[str, str], where: str = "") -> list[str]:
+    """GPU settings the model stages cannot run with (dynamic allocation with GPU executors, a
+    ``tensor_parallel_size`` the executors' GPUs cannot hold:
+    :func:`finelake.resources.gpu_settings_problems`), each line prefixed with ``where``
+    (``spark.conf.`` for the profile, ``spark session: `` for a running one)."""
+    from finelake.resources import gpu_settings_problems, stage_models
+
+    try:
+        models = stage_models(cfg)
+    except ValueError as exc:
+        return [f"{where}tensor_parallel_size: {exc}"]
+    return [where + p for p in gpu_settings_problems(conf, models)]
 
 
 def resolved_yaml(cfg: "FinelakeConfig") -> str:
@@ -356,6 +372,9 @@ def run_validate(profile: str, overrides: Optional[list[str]] = None, lake: Opti
             version, where = None, None
     else:
         mism = session_mismatches(cfg, spark)
+        from finelake.resources import session_conf
+
+        mism += gpu_problems(cfg, session_conf(spark), "spark session: ")
         problems += mism
         lines.append(f"spark: running session checked ({len(mism)} static setting(s) differ)")
         version, where = spark.version, "running session"

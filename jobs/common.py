@@ -70,6 +70,9 @@ def fail_point(name: str, count: int) -> None:
     * ``FINELAKE_KILL_AT=<name>:<count>``: the process sends itself SIGKILL when ``count``
       equals the given number (a killed job: no ``finally``, no cleanup, the JVM loses its
       driver); used by ``make fault-test`` (tools/fault_test.py).
+    * ``FINELAKE_PAUSE_AT=<name>:<count>:<seconds>``: the driver sleeps that long when ``count``
+      equals the given number, printing ``FINELAKE_PAUSE_AT=...: pausing`` first (the model
+      workers sit idle past Spark's idle-worker timeout; ``make cluster-test``'s idle-gap).
     """
     spec = os.environ.get("FINELAKE_FAIL_AFTER", "")
     if spec and spec.split(":")[0] == name and count >= int(spec.split(":")[1]):
@@ -81,6 +84,13 @@ def fail_point(name: str, count: int) -> None:
 
         print(f"FINELAKE_KILL_AT={kill}: SIGKILL", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    pause = os.environ.get("FINELAKE_PAUSE_AT", "")
+    if pause and pause.split(":")[0] == name and count == int(pause.split(":")[1]):
+        import time
+
+        print(f"FINELAKE_PAUSE_AT={pause}: pausing {pause.split(':')[2]} s", flush=True)
+        time.sleep(float(pause.split(":")[2]))
+        print(f"FINELAKE_PAUSE_AT={pause}: resumed", flush=True)
 
 
 def unfinished(lake, scope, tdef: TableDef, key: str):

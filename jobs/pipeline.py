@@ -67,11 +67,16 @@ def run_pipeline(ctx: StageContext, queries=None, documents=None, max_queries=No
         canary: run the model stages' canaries (None: the profile's ``quality.canary``).
 
     Raises:
+        ConfigError: before ingest, when the session's GPU settings cannot run the model stages
+            (dynamic allocation with GPU executors, a tensor-parallel size the executors cannot
+            hold: :func:`finelake.resources.refuse_gpu_settings`).
         FinelakeError: after ingest, when the queries or documents table has no row.
         CanaryFailed: a model stage's canary failed a quality gate.
     """
     from finelake.jobs.ingest import sample_path
+    from finelake.resources import refuse_gpu_settings
 
+    refuse_gpu_settings(ctx.cfg, ctx.spark)  # before any stage: a run that would hang fails now
     if queries is None and documents is None:
         queries, documents = sample_path("queries.jsonl"), sample_path("documents.jsonl")
     limits = Limits(max_queries=max_queries, max_documents=max_documents, force=force,

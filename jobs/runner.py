@@ -29,7 +29,7 @@ from finelake.jobs.common import (RETRY_MERGE, call_meter, count_outcomes, fail_
                                   model_spec, quarantine_failures, record_meter, unfinished)
 from finelake.lake import chunk_count
 from finelake.resources import chunk_size as sized_chunks
-from finelake.resources import model_worker_pool, plan_stage
+from finelake.resources import model_resources, model_worker_pool, plan_stage
 from finelake.runtime import StageContext, StageStats
 from finelake.stage import Limits, ModelStage, Stage
 
@@ -80,7 +80,10 @@ def run_model_stage(ctx: StageContext, stage: ModelStage, limits: Limits = Limit
     stats.skipped = stats.rows_in - n_pending
     if n_pending:
         spec = model_spec(settings.model)
-        plan = plan_stage(ctx.spark, stage.resources)
+        # A vLLM model spanning tensor_parallel_size GPUs asks for that many per task; a model
+        # behind an endpoint for none (finelake.resources.model_resources).
+        plan = plan_stage(ctx.spark, model_resources(spec) if stage.resources.uses_gpu
+                          else stage.resources)
         meter = call_meter(ctx.spark)
         n_keys = (scope.select(stage.chunk_key).distinct().count()
                   if stage.chunk_key != stage.key else stats.rows_in)

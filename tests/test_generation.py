@@ -62,20 +62,74 @@ def test_backend_modules_do_not_import_their_packages():
         assert m.__doc__
 
 
-def test_run_isolated_gives_errors_only_to_failing_requests():
-    reqs = [_chat(q, system=None) for q in ["ok 1", "fail", "ok 2"]]
+def _upper_unless_bad(calls, bad=("fail",), error=RuntimeError("model exploded")):
+    def run(rs):
+        calls.append([r.messages[-1]["content"] for r in rs])
+        if any(b in r.messages[-1]["content"] for r in rs for b in bad):
+            raise error
+        return [GenerationResult(text=r.messages[-1]["content"].upper()) for r in rs]
+    return run
+
+
+def test_run_isolated_bisects_a_failing_batch():
+    reqs = [_chat(f"ok {i}", system=None) for i in range(7)] + [_chat("fail", system=None)]
+    calls = []
+    res = run_isolated(_upper_unless_bad(calls), reqs)
+    assert [r.text for r in res] == [f"OK {i}" for i in range(7)] + [None]
+    assert res[7].error == "RuntimeError: model exploded"
+    # 8 -> halves of 4 -> the failing half's 2 -> its 1 and 1: 7 calls, not 1 + 8
+    assert [len(c) for c in calls] == [8, 4, 4, 2, 2, 1, 1]
+    assert calls[-1] == ["fail"]
+
+
+def test_run_isolated_bisects_a_wrong_number_of_results():
+    reqs = [_chat(q, system=None) for q in ("a", "b", "c")]
     calls = []
 
     def run(rs):
         calls.append(len(rs))
-        if any("fail" in r.messages[-1]["content"] for r in rs):
-            raise RuntimeError("model exploded")
-        return [GenerationResult(text=r.messages[-1]["content"].upper()) for r in rs]
+        return [GenerationResult(text="x")] * (len(rs) if len(rs) < 3 else 2)
 
-    res = run_isolated(run, reqs)
-    assert [r.text for r in res] == ["OK 1", None, "OK 2"]
-    assert res[1].error == "RuntimeError: model exploded"
-    assert calls == [3, 1, 1, 1]
+    assert [r.text for r in run_isolated(run, reqs)] == ["x", "x", "x"]
+    assert calls == [3, 1, 2]
+
+
+class EngineDeadError(Exception):
+    """Named like vLLM's: what a client raises once its engine-core process is gone."""
+
+
+def test_run_isolated_raises_a_dead_engine_at_once():
+    """A dead engine fails every request: it is raised, so the UDF layer evicts the model, and
+    no request is replayed on it."""
+    reqs = [_chat(f"ok {i}", system=None) for i in range(4)]
+    calls = []
+    dead = EngineDeadError("EngineCore encountered an issue. See stack trace (above)")
+    with pytest.raises(EngineDeadError):
+        run_isolated(_upper_unless_bad(calls, bad=("",), error=dead), reqs)
+    assert len(calls) == 1
+
+
+def test_an_engine_that_dies_while_bisecting_is_raised():
+    reqs = [_chat(f"ok {i}", system=None) for i in range(4)]
+    outcomes = iter([RuntimeError("a request the engine refused"), EngineDeadError("gone")])
+    calls = []
+
+    def run(rs):
+        calls.append(len(rs))
+        raise next(outcomes)
+
+    with pytest.raises(EngineDeadError):
+        run_isolated(run, reqs)
+    assert calls == [4, 2]
+
+
+def test_run_isolated_cuda_errors_count_as_a_dead_engine():
+    calls = []
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_isolated(_upper_unless_bad(calls, bad=("",), error=RuntimeError(
+            "CUDA error: an illegal memory access was encountered")),
+            [_chat("a", system=None), _chat("b", system=None)])
+    assert len(calls) == 1
 
 
 def test_model_config_object_and_options_are_validated():

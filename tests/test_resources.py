@@ -1,5 +1,6 @@
-"""finelake.resources: declared stage resources, GPU task counts, chunk sizes; and the Arrow
-regrouping that gives a model whole batches (jobs.common.coalesce_batches)."""
+"""finelake.resources: declared stage resources, a model's GPUs (tensor parallelism), settings the
+model stages cannot run with, GPU task counts, chunk sizes; and the Arrow regrouping that gives a
+model whole batches (jobs.common.coalesce_batches)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import pyarrow as pa
 import pytest
 
 from finelake.jobs.common import coalesce_batches
-from finelake.resources import MODEL_STAGE, Resources, chunk_size, gpu_tasks, plan_stage
+from finelake.resources import (MODEL_STAGE, Resources, chunk_size, gpu_settings_problems, gpu_tasks,
+                                model_resources, plan_stage, refuse_gpu_settings, stage_models,
+                                tensor_parallel_size)
 
 
 def test_resources_reject_contradictions():
@@ -69,3 +72,52 @@ def test_served_models_ask_for_no_gpu():
     assert not model_stage_resources("llm", {"inner_backend": "openai"}).uses_gpu
     assert model_stage_resources("llm", {"inner_backend": "vllm"}) == MODEL_STAGE
     assert model_stage_resources("llm") == MODEL_STAGE  # the llm judge's default inner is vllm
+@pytest.mark.parametrize("cfg,gpus", [
+    ({"backend": "vllm", "options": {"tensor_parallel_size": 4}}, 4),
+    ({"backend": "vllm", "options": {"tensor_parallel_size": "2"}}, 2),
+    ({"backend": "vllm", "options": {}}, 1),
+    ({"backend": "llm", "options": {"inner_backend": "vllm", "tensor_parallel_size": 2}}, 2),
+    ({"backend": "transformers", "options": {"tensor_parallel_size": 8}}, 1),  # not a vLLM option
+    ({"backend": "sentence_transformers", "options": {}}, 1),
+    ({"backend": "openai", "options": {"concurrency": 16}}, 0),  # the engine runs behind a server
+    ({"backend": "llm", "options": {"inner_backend": "openai"}}, 0),
+])
+def test_a_model_stage_asks_for_its_models_gpus(cfg, gpus):
+    assert model_resources(cfg).gpus == gpus
+
+
+@pytest.mark.parametrize("tp", [0, -1, "two", 1.5, True])
+def test_a_bad_tensor_parallel_size_is_refused(tp):
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        tensor_parallel_size({"backend": "vllm", "options": {"tensor_parallel_size": tp}})
+
+
+def test_settings_the_model_stages_cannot_run_with_are_named():
+    gpu = {"spark.executor.resource.gpu.amount": "4"}
+    assert gpu_settings_problems(gpu, {"models.generator": 2, "models.judge": 4}) == []
+    (p,) = gpu_settings_problems({**gpu, "spark.dynamicAllocation.enabled": "TRUE"})
+    assert p.startswith("spark.dynamicAllocation.enabled=true with GPU executors")
+    assert "spark.dynamicAllocation.enabled=false" in p and "spark.executor.instances" in p
+    (odd, big) = gpu_settings_problems(gpu, {"models.judge": 8, "models.generator": 3})
+    assert big.startswith("models.judge.options.tensor_parallel_size=8 needs 8 GPUs")
+    assert odd.startswith("models.generator.options.tensor_parallel_size=3 does not divide")
+    # no GPU executors (a CPU cluster calling a server, local mode): nothing to refuse
+    assert gpu_settings_problems({"spark.dynamicAllocation.enabled": "true"}, {"m": 8}) == []
+
+
+def test_a_session_with_dynamic_allocation_and_gpus_is_refused_before_any_stage():
+    from types import SimpleNamespace
+
+    from pyspark import SparkConf
+
+    from finelake.config import ConfigError, load_config
+
+    conf = SparkConf(loadDefaults=False).setAll([("spark.executor.resource.gpu.amount", "1"),
+                                                 ("spark.dynamicAllocation.enabled", "true")])
+    session = SimpleNamespace(sparkContext=SimpleNamespace(getConf=lambda: conf))
+    cfg = load_config("databricks", check_models=False)
+    with pytest.raises(ConfigError, match="spark.dynamicAllocation.enabled=true"):
+        refuse_gpu_settings(cfg, session)
+    conf.set("spark.dynamicAllocation.enabled", "false")
+    refuse_gpu_settings(cfg, session)
+    assert stage_models(cfg) == {"genericize.model": 1, "models.generator": 1, "models.judge": 1}

@@ -158,3 +158,24 @@ def test_validate_on_a_running_spark_3_session_exits_nonzero_naming_the_version(
     monkeypatch.setattr(type(spark), "version", property(lambda self: "3.5.2"))
     r = _validate("--conf", "local", "--set", f"spark.master={spark.sparkContext.master}")
     assert r.exit_code == 1 and "version 3.5.2 is older than 4.0" in r.output
+
+
+def test_dynamic_allocation_with_gpu_executors_is_refused_naming_the_setting(tmp_path, no_session):
+    path = _profile_with(tmp_path, "extends: databricks\nspark:\n  conf:\n"
+                                   "    spark.dynamicAllocation.enabled: 'true'\n"
+                                   "    spark.dynamicAllocation.shuffleTracking.enabled: 'true'\n")
+    r = _validate("--conf", path)
+    assert r.exit_code != 0
+    assert "spark.conf.spark.dynamicAllocation.enabled=true with GPU executors" in r.output
+    assert "Set spark.dynamicAllocation.enabled=false" in r.output
+
+
+def test_tensor_parallel_size_is_checked_against_the_executors_gpus(tmp_path, no_session):
+    r = _validate("--conf", "databricks", "--set", "models.judge.options.tensor_parallel_size=2")
+    assert r.exit_code != 0
+    assert "models.judge.options.tensor_parallel_size=2 needs 2 GPUs per task" in r.output
+    path = _profile_with(tmp_path, "extends: databricks\nspark:\n  conf:\n"
+                                   "    spark.executor.resource.gpu.amount: '4'\n"
+                                   "models:\n  judge:\n    options:\n      tensor_parallel_size: 2\n")
+    r = _validate("--conf", path)
+    assert r.exit_code == 0, r.output

@@ -13,11 +13,22 @@ Without this, a worker that ran genericize, match and instantiate would hold thr
 sized to 90% of the GPU. Small non-model objects (a FAISS index) are cached with
 ``exclusive=False`` and never evict a model.
 
-**GPU pinning.** Inside a Spark task that was assigned ``gpu`` addresses
-(``TaskContext.get().resources()["gpu"].addresses``, from the executor's discovery script), a model
-is loaded with ``CUDA_VISIBLE_DEVICES`` set to those addresses, so the engine (and the processes it
-spawns) sees exactly the GPU Spark gave the task, not GPU 0. A resident model loaded under other
-addresses is closed and loaded again.
+**GPU topology: a worker keeps its GPU.** Inside a Spark task that was assigned ``gpu`` addresses
+(``TaskContext.get().resources()["gpu"].addresses``, from the executor's discovery script), the
+worker's first model load takes a lease on as many GPUs for the rest of its life
+(:mod:`finelake.udfs.gpu_lease`: an ``flock`` per address on the node, the task's own addresses
+when free), and every model it loads sees exactly those through ``CUDA_VISIBLE_DEVICES`` (so does
+the engine process it spawns), not GPU 0. Spark reuses idle workers first in, first out, so on an
+executor with several GPUs the address it names for a task changes between jobs; the worker keeps
+its leased GPU instead, so its model stays loaded across chunks and stages and is never reloaded
+onto a GPU another worker fills. Spark's GPU accounting still bounds how many model tasks run at
+once. Only workers of the model stages' pool (``$FINELAKE_WORKER_POOL=models``,
+:func:`finelake.resources.model_worker_pool`, where tasks hold whole GPUs) take a lease; a task
+of a CPU stage that holds a fraction of a GPU (and loads, say, an endpoint client) is pinned to
+its address as before and leases nothing. This was chosen over refusing multi-GPU executors because Databricks runs one executor per
+node (4-8 GPUs), which a refusal would leave unusable except through tensor parallelism. A stage
+whose tasks need another number of GPUs (``tensor_parallel_size``) evicts the worker's model and
+takes a new lease.
 
 **Faults.** A model whose ``generate()`` / ``score()`` raised an engine-level error (a dead
 engine, out of memory: :func:`finelake.faults.is_engine_fault`) is closed and dropped by
@@ -25,15 +36,19 @@ engine, out of memory: :func:`finelake.faults.is_engine_fault`) is closed and dr
 next batch loads a fresh one instead of failing on the dead one; the failed batch's rows are
 retryable (:mod:`finelake.faults`).
 
-**Log.** Loads, evictions and each task's first use of its model go to the ``finelake.udfs.cache``
-logger and, when ``$FINELAKE_LOAD_LOG`` names a file, as one JSON object per line
-(``event``: ``load`` / ``evict`` / ``task``; ``pid``, ``executor``, ``kind``, ``key``, ``gpus``,
-``resident`` = models held after the event, ``seconds`` for loads, ``reason`` for evictions; ``task`` events add ``stage``,
-``partition``, ``attempt``), so a test or the cluster check can verify it across Spark's processes.
+**Log.** Loads, evictions, each task's first use of its model and every model call go to the
+``finelake.udfs.cache`` logger and, when ``$FINELAKE_LOAD_LOG`` names a file, as one JSON object
+per line (``event``: ``load`` / ``evict`` / ``task`` / ``call_start`` / ``call_end``; ``t`` (Unix
+time, s), ``pid``, ``executor``, ``kind``, ``key``, ``gpus`` (the worker's leased GPUs),
+``task_gpus`` (what Spark assigned the task), ``resident`` = models held after the event,
+``seconds`` for loads and calls, ``reason`` for evictions; ``task`` events add ``stage``,
+``partition``, ``attempt``; calls add ``prompts`` and, when the call raised, ``error``), so a test
+or the cluster check can verify it across Spark's processes, down to the model pool's idle gaps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -41,7 +56,10 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator
+
+from finelake.resources import MODEL_POOL_ENV
+from finelake.udfs import gpu_lease
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +154,9 @@ def close_model(model: Any) -> None:
 
 
 def _event(event: str, kind: str, key: str, gpus: list[str], **extra: Any) -> None:
-    rec = {"event": event, "pid": os.getpid(), "executor": executor_id(), "kind": kind,
-           "key": key, "gpus": gpus, "resident": len(_EXCLUSIVE), **extra}
+    rec = {"event": event, "t": round(time.time(), 3), "pid": os.getpid(),
+           "executor": executor_id(), "kind": kind, "key": key, "gpus": gpus,
+           "resident": len(_EXCLUSIVE), **extra}
     log.info("model %s: %s pid=%d executor=%s gpu=%s resident=%d%s", event, kind, rec["pid"],
              rec["executor"], ",".join(gpus) or "-", rec["resident"],
              "".join(f" {k}={v}" for k, v in extra.items()))
@@ -147,7 +166,7 @@ def _event(event: str, kind: str, key: str, gpus: list[str], **extra: Any) -> No
             f.write(json.dumps(rec, sort_keys=True) + "\n")
 
 
-def _note_task(kind: str, key: str, gpus: list[str]) -> None:
+def _note_task(kind: str, key: str, gpus: list[str], assigned: list[str]) -> None:
     """Log a task's first use of its model (once per task attempt and process)."""
     try:
         from pyspark import TaskContext
@@ -161,8 +180,8 @@ def _note_task(kind: str, key: str, gpus: list[str]) -> None:
     if mark in _TASKS_SEEN:
         return
     _TASKS_SEEN.add(mark)
-    _event("task", kind, key, gpus, stage=tc.stageId(), partition=tc.partitionId(),
-           attempt=tc.taskAttemptId())
+    _event("task", kind, key, gpus, task_gpus=assigned, stage=tc.stageId(),
+           partition=tc.partitionId(), attempt=tc.taskAttemptId())
 
 
 def _evict(key: str, kind: str, reason: str) -> None:
@@ -190,11 +209,18 @@ def get_or_load(kind: str, spec: dict, loader: Callable[[], Any], exclusive: boo
         Whatever ``loader`` raises (nothing is cached then).
     """
     key = cache_key(kind, spec)
-    gpus = task_gpus() if exclusive else []
+    assigned = task_gpus() if exclusive else []
     with _LOCK:
+        gpus = assigned
+        if assigned and os.environ.get(MODEL_POOL_ENV) == "models":
+            if len(gpu_lease.held()) not in (0, len(assigned)):  # another tensor-parallel size
+                for other in list(_EXCLUSIVE):
+                    _evict(other, other.split(":", 1)[0],
+                           reason=f"{kind} needs {len(assigned)} gpu(s)")
+            gpus = gpu_lease.lease(assigned)  # this worker's GPUs, kept for its life
         m = _MODELS.get(key)
         if m is not None and exclusive and gpus and _EXCLUSIVE.get(key) != gpus:
-            _evict(key, kind, reason=f"task assigned gpu {','.join(gpus)}")
+            _evict(key, kind, reason=f"worker's gpu is now {','.join(gpus)}")
             m = None
         if m is None:
             if exclusive:
@@ -207,9 +233,10 @@ def get_or_load(kind: str, spec: dict, loader: Callable[[], Any], exclusive: boo
             if exclusive:
                 _EXCLUSIVE[key] = gpus
             LOAD_COUNTS[key] = LOAD_COUNTS.get(key, 0) + 1
-            _event("load", kind, key, gpus, seconds=round(time.monotonic() - t0, 2))
+            _event("load", kind, key, gpus, task_gpus=assigned,
+                   seconds=round(time.monotonic() - t0, 2))
         if exclusive:
-            _note_task(kind, key, gpus)
+            _note_task(kind, key, gpus, assigned)
     return m
 
 
@@ -246,8 +273,31 @@ def record_call(prompts: int) -> None:
     CALLS["prompts"] += int(prompts)
 
 
+@contextlib.contextmanager
+def model_call(kind: str, spec: dict, prompts: int) -> Iterator[None]:
+    """Around one call of the cached (kind, spec) model: counts it (:func:`record_call`) and logs
+    ``call_start`` / ``call_end`` events (``seconds``; ``error`` = the exception's type when the
+    call raised, which is re-raised), so the model pool's busy and idle times can be read from
+    the log."""
+    key = cache_key(kind, spec)
+    gpus = list(_EXCLUSIVE.get(key, []))
+    record_call(prompts)
+    _event("call_start", kind, key, gpus, prompts=int(prompts))
+    t0 = time.monotonic()
+    error = None
+    try:
+        yield
+    except BaseException as exc:
+        error = type(exc).__name__
+        raise
+    finally:
+        extra = {"error": error} if error else {}
+        _event("call_end", kind, key, gpus, prompts=int(prompts),
+               seconds=round(time.monotonic() - t0, 3), **extra)
+
+
 def clear() -> None:
-    """Close and drop every cached object (tests)."""
+    """Close and drop every cached object and give up the GPU lease (tests)."""
     with _LOCK:
         for key in list(_MODELS):
             if key in _EXCLUSIVE:
@@ -255,3 +305,4 @@ def clear() -> None:
             else:
                 _MODELS.pop(key)
         _TASKS_SEEN.clear()
+        gpu_lease.release()

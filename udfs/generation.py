@@ -28,7 +28,7 @@ import pandas as pd
 
 from finelake.models.base import GenerationBackend, GenerationRequest, GenerationResult
 from finelake.faults import is_engine_fault
-from finelake.udfs.cache import evict, get_or_load, record_call
+from finelake.udfs.cache import evict, get_or_load, model_call
 
 OUTPUT_COLUMNS = ["text", "prompt_tokens", "completion_tokens", "finish_reason", "error"]
 OUTPUT_DDL = ("text string, prompt_tokens int, completion_tokens int, finish_reason string, "
@@ -141,8 +141,8 @@ def generate_frame(model_cfg: Mapping[str, Any], pdf: pd.DataFrame) -> pd.DataFr
         gen = load_generator(spec)
         reqs = [r for _, r in todo]
         try:
-            record_call(len(reqs))
-            outs = gen.generate(reqs)
+            with model_call("generator", spec, len(reqs)):
+                outs = gen.generate(reqs)
             if len(outs) != len(reqs):
                 raise RuntimeError(f"{len(outs)} results for {len(reqs)} requests")
         except Exception as exc:  # noqa: BLE001 - backends should not raise; never fail the task

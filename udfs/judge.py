@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from finelake.faults import is_engine_fault
-from finelake.udfs.cache import evict, get_or_load, record_call
+from finelake.udfs.cache import evict, get_or_load, model_call
 
 
 def load_judge(spec: dict):
@@ -20,9 +20,9 @@ def judge_frame(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
     after an engine-level error (:func:`finelake.faults.is_engine_fault`) the cached judge is
     evicted (:func:`finelake.udfs.cache.evict`) so the next batch loads a fresh one."""
     judge = load_judge(spec)
-    record_call(len(pdf))
     try:
-        scored = judge.score(list(pdf["instruction"]), list(pdf["answer"]))
+        with model_call("judge", spec, len(pdf)):
+            scored = judge.score(list(pdf["instruction"]), list(pdf["answer"]))
     except Exception as exc:  # noqa: BLE001 - reported per row
         scored = [(None, f"judge_error: {type(exc).__name__}: {exc}")] * len(pdf)
         if is_engine_fault(exc):  # the engine is gone (or out of memory): reload next batch
