@@ -18,7 +18,6 @@ from finelake.jobs.ingest import (
     IngestInvariantError,
     RowOptions,
     check_invariant,
-    main,
     read_prepared,
     resolve_input,
     run_ingest,
@@ -390,12 +389,17 @@ def test_invariant_is_checked():
         check_invariant("queries", 10, 5, {"duplicate": 2, "contaminated": 1}, 1)
 
 
-def test_main_delegates_to_the_cli(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    assert "--queries" in out and "--query-field" in out
+def test_the_spark_submit_entry_point_is_the_cli():
+    """spark-submit runs bin/finelake_job.py: the finelake command line, ingest's options included."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    entry = Path(__file__).resolve().parents[1] / "bin" / "finelake_job.py"
+    r = subprocess.run([sys.executable, str(entry), "ingest", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--queries" in r.stdout and "--query-field" in r.stdout
 
 
 def test_run_stops_after_ingest_when_no_query_is_accepted_and_takes_the_field_options(
@@ -412,7 +416,7 @@ def test_run_stops_after_ingest_when_no_query_is_accepted_and_takes_the_field_op
     docs = tmp_path / "docs.jsonl"
     docs.write_text(json.dumps({"text": DOCS_SAMPLE[1]["text"]}) + "\n", encoding="utf-8")
     ctx = _ctx(spark, tmp_path, "run_fields")
-    monkeypatch.setattr(pipeline, "STAGES", ())  # what is tested is ingest and the stop after it
+    monkeypatch.setattr(pipeline, "run_order", lambda: (pipeline.INGEST,))  # ingest and the stop after it
     with pytest.raises(FinelakeError, match=r"table queries .* has no row: this ingest read 2 rows "
                                             r"and quarantined 2 \(missing=2\).*--query-field"):
         pipeline.run_pipeline(ctx, queries=str(qs), documents=str(docs), report=False)

