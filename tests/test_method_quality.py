@@ -7,6 +7,7 @@ below with their package and licence.
 
 import json
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -14,36 +15,9 @@ from finelake.config import QUALITY_RULES, InstantiateQualityConfig
 from finelake.method import quality as q
 from finelake.method.spans import split_sentences
 
-# polkitd(8), Debian package polkitd 122-3 (LGPL-2.0+ and Expat), as `man` renders it.
-POLKITD = """\
-POLKITD(8)                          polkitd                         POLKITD(8)
-
-NAME
-       polkitd - The polkit system daemon
-
-SYNOPSIS
-       polkitd
-
-DESCRIPTION
-       polkitd provides the org.freedesktop.PolicyKit1 D-Bus service on the
-       system message bus. Users or administrators should never need to start
-       this daemon as it will be automatically started by dbus-daemon(1) or
-       systemd(1) whenever an application calls into the service.
-
-       polkitd must be started with superuser privileges but drops privileges
-       early by switching to the unprivileged polkitd system user.
-
-       See the polkit(8) man page for more information.
-
-AUTHOR
-       Written by David Zeuthen <davidz@redhat.com> with a lot of help from
-       many others.
-
-SEE ALSO
-       polkit(8), pkaction(1), pkcheck(1), pkexec(1), pkttyagent(1), dbus-
-       daemon(1), systemd(1)
-
-polkit                             May 2009                         POLKITD(8)"""
+# polkitd(8), Debian package polkitd 122-3 (LGPL-2.0+ and Expat), as `man` renders it
+# (tests/data/manpages/README.md).
+POLKITD = (Path(__file__).parent / "data" / "manpages" / "polkitd.8.txt").read_text(encoding="utf-8")
 
 # diff(1), Debian diffutils 1:3.8-4 (GPL-3+): an option list.
 DIFF_OPTIONS = """\

@@ -387,6 +387,15 @@ def body_units(document: str, units: Sequence[Span], min_prose_share: float = 0.
     return cut or list(units)
 
 
+def in_furniture(document: str, span: Span) -> bool:
+    """True when ``span`` lies on a furniture line of ``document`` (:func:`furniture_kind`): a
+    heading such as ``SYNOPSIS``, a running head, a markup line; such a phrase would paste page
+    furniture into an instruction's slot."""
+    lo = document.rfind("\n", 0, span.start) + 1
+    hi = document.find("\n", span.end)
+    return furniture_kind(document[lo:hi if hi != -1 else len(document)]) is not None
+
+
 @functools.lru_cache(maxsize=16)
 def header_end(document: str, min_sentence_chars: int = 40) -> int:
     """Offset where the document's body starts: the first unit :func:`body_units` keeps
