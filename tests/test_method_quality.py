@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from finelake.config import QUALITY_RULES, InstantiateQualityConfig
+from finelake.method import furniture as fu
 from finelake.method import quality as q
 from finelake.method.spans import split_sentences
 
@@ -109,8 +110,8 @@ def test_answer_navigation_on_a_running_foot():
     answer = POLKITD[POLKITD.index("SEE ALSO"):].split("\n", 1)[1]
     assert q.check_answer(answer) == ("quality:answer_navigation: navigation line "
                                       "'polkit                             May 2009                         POLKITD(8)'")
-    assert q.furniture_kind("Prev       Up       Home       Next") == "navigation"  # issue 26's example
-    assert q.furniture_kind("Next time you're making pesto, consider roasted seeds.") is None
+    assert fu.furniture_kind("Prev       Up       Home       Next") == "navigation"  # issue 26's example
+    assert fu.furniture_kind("Next time you're making pesto, consider roasted seeds.") is None
 
 
 def test_answer_markup_on_sample_html_and_wiki_links(sample_docs):
@@ -119,21 +120,21 @@ def test_answer_markup_on_sample_html_and_wiki_links(sample_docs):
     answer = lee[i:lee.index(".", lee.index("</i>")) + 1]
     assert "<i>Diplomacy</i>" in answer
     assert _rule(q.check_answer(answer)) == "quality:answer_markup"
-    assert q.furniture_kind("the plague outbreak that struck Finland and Sweden]] between 1710-1713") == "markup"
+    assert fu.furniture_kind("the plague outbreak that struck Finland and Sweden]] between 1710-1713") == "markup"
     for line in (".. SPDX-License-Identifier: GPL-2.0", "=========", "See :mod:`os` for details.",
                  ".. _label:", "## Installation", ".TH GZIP 1"):
-        assert q.furniture_kind(line) == "markup", line
+        assert fu.furniture_kind(line) == "markup", line
     # man pages' <placeholders> are not HTML
-    assert q.furniture_kind("       <locale> <charset>") is None
+    assert fu.furniture_kind("       <locale> <charset>") is None
 
 
 def test_answer_headings_when_the_answer_runs_into_the_next_section():
     start = POLKITD.index("See the polkit(8)")
     answer = POLKITD[start:POLKITD.index("many others.") + len("many others.")]
     assert q.check_answer(answer) == "quality:answer_headings: heading line 'AUTHOR'"
-    assert q.furniture_kind("53.33. pg_opclass") == "heading"
+    assert fu.furniture_kind("53.33. pg_opclass") == "heading"
     # an indented manual entry is not a section heading
-    assert q.furniture_kind("       XDG_CONFIG_HOME") is None
+    assert fu.furniture_kind("       XDG_CONFIG_HOME") is None
 
 
 def test_answer_repetition_on_repeated_protocol_lines():
@@ -148,13 +149,13 @@ def test_answer_not_prose_on_an_option_list():
 
 def test_unwrap_joins_a_manual_paragraph_and_its_hanging_indent():
     para = POLKITD[POLKITD.index("polkitd provides"):POLKITD.index("AUTHOR")]
-    lines = q.unwrap_lines(para)
+    lines = fu.unwrap_lines(para)
     assert lines[0].startswith("polkitd provides") and lines[0].endswith("calls into the service.")
     assert len(lines) == 3
     hanging = ("-a     (Linux only) ignore /proc/PID/coredump_filter and also dump mem‐\n"
                "              ory mappings marked with the 'VM_DONTDUMP' flag.")
-    assert len(q.unwrap_lines("       " + hanging)) == 1
-    assert len(q.unwrap_lines("- first item of a list\n- second item of a list")) == 2
+    assert len(fu.unwrap_lines("       " + hanging)) == 1
+    assert len(fu.unwrap_lines("- first item of a list\n- second item of a list")) == 2
 
 
 def test_body_units_leave_out_the_header_block_and_edge_headings():

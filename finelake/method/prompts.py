@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from finelake.method import excerpts, quality, templates
+from finelake.method import excerpts, furniture, quality, templates
 from finelake.method.spans import Span, candidate_spans, split_sentences
 
 GENERICIZE_PROMPT_VERSION = "genericize-v1"
@@ -212,7 +212,7 @@ def _document_lists(doc: str, max_document_chars: int, min_sentence_chars: int,
                     prefer_body: bool = False) -> tuple[list[Span], list[Span]]:
     """The numbered sentences and the fill phrases of a (cut) document, decomposed mode; with
     ``prefer_body`` only the sentences of the document's body (:func:`quality.body_units`) and
-    no phrase from a heading, running head or markup line (:func:`quality.in_furniture`).
+    no phrase from a heading, running head or markup line (:func:`furniture.in_furniture`).
 
     Cached for the last few documents: requests come grouped by document (six templates each,
     §3.2), and both lists cost O(len) Python steps. Callers must not mutate the lists."""
@@ -220,7 +220,7 @@ def _document_lists(doc: str, max_document_chars: int, min_sentence_chars: int,
     phrases = candidate_spans(doc, max_spans=MAX_FILL_PHRASES, max_words=3, scan_chars=len(doc))
     if prefer_body:
         sents = quality.body_units(doc, sents) or sents
-        phrases = [p for p in phrases if not quality.in_furniture(doc, p)] or phrases
+        phrases = [p for p in phrases if not furniture.in_furniture(doc, p)] or phrases
     if not phrases:
         phrases = [Span(doc[:40], 0, min(40, len(doc)))]
     return sents, phrases
