@@ -75,10 +75,9 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
 
     With ``max_document_tokens`` each document is cut to that many ``tokenizer`` tokens (on a
     token boundary, and never past ``max_document_chars``) before its prompt is built."""
+    from finelake.config import InstantiateQualityConfig
     from finelake.faults import settle
     from finelake.udfs.generation import generate_frame
-
-    from finelake.config import InstantiateQualityConfig
 
     qc = InstantiateQualityConfig(**(quality_rules or {}))
     rules = quality.QualityRules.from_dict(qc.model_dump())
