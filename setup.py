@@ -125,6 +125,12 @@ setup(
         # only this; hub ids load through transformers (models / cluster extras).
         "tokenizers>=0.20",
         "archspec>=0.2.5",  # CPU feature detection (finelake.cpu, finelake doctor)
+        # Text-quality heuristics (Gopher, C4, FineWeb filters) for the answer and instruction
+        # rules after instantiation (finelake.method.quality; ingest's document filters use the
+        # same release). Its English word and sentence splitter is spaCy's rule-based
+        # blank("en") pipeline: no model download.
+        "datatrove==0.10.1",
+        "spacy==3.8.18",
     ],
     extras_require={
         "spark": SPARK,

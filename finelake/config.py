@@ -223,6 +223,36 @@ class MatchConfig(_Strict):
         return float(self.thresholds.get(embedding_model, self.default_threshold))
 
 
+QUALITY_RULES = ("answer_short", "answer_header_block", "answer_navigation", "answer_markup",
+                 "answer_headings", "answer_repetition", "answer_not_prose",
+                 "instruction_section_number", "instruction_path", "instruction_repetition")
+"""The rules of :mod:`finelake.method.quality` (its ``RULES``; a test keeps the two equal)."""
+
+
+class InstantiateQualityConfig(_Strict):
+    """Answer and instruction quality rules applied after an instantiation parses, before the
+    judge (finelake.method.quality): a pair that fails one is ``filtered`` with the rule as its
+    reason and is never judged."""
+
+    enabled: bool = Field(True, description="Apply the rules; false: every parsed pair goes to "
+                          "the judge as before (answer_position is still recorded).")
+    prefer_body: bool = Field(
+        True, description="Decomposed mode: the numbered sentences the instantiator picks an "
+        "answer from leave out the document's leading header block (title, NAME / SYNOPSIS "
+        "blocks, labels) and the headings and running heads at the edges of each sentence, so "
+        "answers come from the document's substance (§1, §3.2).")
+    answer_min_words: int = Field(10, ge=1, description="Shortest answer in words (Gopher's count: "
+                                  "words with a character that is not punctuation); about one "
+                                  "sentence of prose. Rule answer_short.")
+    answer_min_prose_share: float = Field(
+        0.5, ge=0, le=1, description="Least share of the answer's characters in prose sentences "
+        "(C4's rules per sentence: terminal punctuation and >= 3 words): 'mostly prose'. Rule "
+        "answer_not_prose.")
+    skip: list[Literal[QUALITY_RULES]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="Rules not applied, by name: " + ", ".join(QUALITY_RULES)
+        + " (reasons read quality:<rule>: <detail>).")
+
+
 class InstantiateConfig(_Strict):
     model: Optional[ModelConfig] = Field(None, description="Model for this stage; default models.generator.")
     chunk_documents: int = Field(32, ge=1, description="Documents per committed chunk (a killed run loses at most one).")
@@ -240,6 +270,9 @@ class InstantiateConfig(_Strict):
         40, ge=0, description="Decomposed mode: sentence fragments with fewer non-whitespace "
         "characters (headings, option names in manuals) are joined to their neighbours.")
     max_document_chars: int = Field(6000, ge=100)
+    quality: InstantiateQualityConfig = Field(
+        default_factory=InstantiateQualityConfig, description="Answer and instruction quality "
+        "rules between instantiation and judge (issue 26).")
     max_document_tokens: Optional[int] = Field(
         None, ge=64, description="Cut each document to this many tokens (tokenizer.model) before "
         "it goes into the prompt, so prompt + answer fit the generator's context (n_ctx / "

@@ -145,21 +145,27 @@ INSTANTIATIONS = TableDef(
     _schema(("pair_key", S), ("doc_id", S), ("template_id", S), ("status", S), ("instruction", S),
             ("answer", S), ("excerpt_ratio", F64), ("reason", S), ("raw_output", S),
             ("model_id", S), ("prompt_version", S), ("attempts", I32), ("flags", pa.list_(S)),
+            ("answer_position", F64),
             *LINEAGE),
     key=("pair_key",),
-    description="One row per match: status ok, null (incompatible), excerpt_rejected, invalid, "
+    description="One row per match: status ok, null (incompatible), excerpt_rejected, filtered "
+                "(failed a quality rule: reason quality:<rule>: ...; never judged), invalid, "
                 "error, or retry (a transient failure the next run tries again); attempts: runs "
                 "that tried it; flags: signals of the model's reply (constrained, lenient_parse, "
-                "unknown_keys:<keys>; finelake.method.replies), null without a reply.",
+                "unknown_keys:<keys>; finelake.method.replies), null without a reply; "
+                "answer_position: where the answer starts in its document, as a "
+                "fraction of the document's characters (§3.2).",
 )
 
 JUDGMENTS = TableDef(
     "judgments",
     _schema(("pair_key", S), ("doc_id", S), ("template_id", S), ("judge_score", I32),
             ("judge_reason", S), ("kept", B), ("judge_model", S), ("prompt_version", S),
-            ("status", S), ("attempts", I32), *LINEAGE),
+            ("status", S), ("attempts", I32), ("judge_parts", S), *LINEAGE),
     key=("pair_key",),
     description="1-5 judge score and reason for every instantiated pair; kept = score >= min. "
+                "judge_parts: the embedded (relevance) judge's parts as JSON (relevance, answer "
+                "and instruction quality, how they combine); null for an LLM judge. "
                 "status: ok (scored), error (no score: the reason says why; quarantined) or "
                 "retry (a transient failure the next run tries again; null on rows written "
                 "before statuses existed); attempts: runs that tried it.",

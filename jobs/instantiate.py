@@ -4,9 +4,13 @@ For each (document, template) match the generator fills the template's slots fro
 and answers mostly by excerpt: ``<excerpt>start<...>end</excerpt>`` pointers are expanded in code
 only where they match exactly one span of the document, the excerpted share of the answer is
 computed, and pairs under ``instantiate.min_excerpt_ratio`` (0.8) are kept as ``excerpt_rejected``
-with that reason. An incompatible pair is recorded as ``null``, not forced. Every match gets one
-row: ``ok``, ``null``, ``excerpt_rejected``, ``invalid``, ``error`` or ``retry``, with
-``attempts`` (the runs that tried it).
+with that reason. An incompatible pair is recorded as ``null``, not forced. A pair that parses
+but fails a quality rule (:mod:`finelake.method.quality`: the answer is navigation, markup,
+headings, repeated lines or too short; a slot holds a section number or a path) is ``filtered``
+with ``quality:<rule>: ...`` as its reason and never reaches the judge (``instantiate.quality``).
+Every match gets one row: ``ok``, ``null``, ``excerpt_rejected``, ``filtered``, ``invalid``,
+``error`` or ``retry``, with ``attempts`` (the runs that tried it) and ``answer_position``
+(where the answer starts in its document, §3.2).
 
 Faults (:mod:`finelake.faults`): a generation that failed transiently (timeout, OOM, dead engine,
 HTTP 429/5xx) leaves the row ``retry``; the next run tries it again (the row is overwritten) up
@@ -39,7 +43,7 @@ import pandas as pd
 from finelake.jobs.common import (count_outcomes, limit_ordered, model_label,
                                   read_for_keys, require, stable_hash)
 from finelake.jobs.signals import reply_signals
-from finelake.method import prompts
+from finelake.method import prompts, quality
 from finelake.runtime import StageContext, StageStats
 from finelake.stage import ChunkSettings, Limits, ModelStage
 from finelake.tables import DOCUMENTS, INSTANTIATIONS, MATCHES, TEMPLATES
@@ -57,18 +61,27 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
                      min_excerpt_ratio: float, max_answer_sentences: int,
                      prompt_version: str, min_sentence_chars: int = 40,
                      grounding_min_run_chars: int = 20, max_document_tokens: Optional[int] = None,
-                     tokenizer: Optional[str] = None, max_attempts: int = 3) -> list[dict]:
+                     tokenizer: Optional[str] = None, max_attempts: int = 3,
+                     quality_rules: Optional[dict] = None) -> list[dict]:
     """Executor side: (doc_id, template_id, text, template, optional prior_attempts) rows, grouped
     by document, in; ``instantiations`` rows out, each with ``attempts`` = prior_attempts + 1. The
     model is reached through the UDF layer (once per worker). A failed generation is ``retry``
     when transient with attempts left, else ``error`` (:func:`finelake.faults.settle`). Every row
     with a reply gets the reply's ``flags`` (:func:`finelake.method.prompts.parse_instantiate`).
 
+    ``quality_rules`` (``instantiate.quality`` as a dict; None: its defaults): a pair that parses
+    ``ok`` but fails a rule of :mod:`finelake.method.quality` is ``filtered`` with the rule as its
+    reason, so the judge never sees it; with ``prefer_body`` the decomposed prompt numbers only
+    the document's body. Every row with an expanded excerpt gets ``answer_position``.
+
     With ``max_document_tokens`` each document is cut to that many ``tokenizer`` tokens (on a
     token boundary, and never past ``max_document_chars``) before its prompt is built."""
+    from finelake.config import InstantiateQualityConfig
     from finelake.faults import settle
     from finelake.udfs.generation import generate_frame
 
+    qc = InstantiateQualityConfig(**(quality_rules or {}))
+    rules = quality.QualityRules.from_dict(qc.model_dump())
     label = model_label(spec)
     prior = (pdf["prior_attempts"].fillna(0).astype(int).tolist() if "prior_attempts" in pdf
              else [0] * len(pdf))
@@ -79,7 +92,8 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
         limits = [min(max_document_chars, max(100, c)) for c in
                   prefix_chars(tokenizer, [d[:max_document_chars] for d in pdf["text"]],
                                max_document_tokens)]
-    reqs = [prompts.instantiate_request(d, t, mode, lim, max_answer_sentences, min_sentence_chars)
+    reqs = [prompts.instantiate_request(d, t, mode, lim, max_answer_sentences, min_sentence_chars,
+                                        prefer_body=qc.prefer_body)
             for d, t, lim in zip(pdf["text"], pdf["template"], limits)]
     gen = generate_frame(spec, pd.DataFrame({
         "messages": [json.dumps(r.messages, ensure_ascii=False) for r in reqs],
@@ -101,9 +115,16 @@ def instantiate_rows(pdf: pd.DataFrame, spec: dict, mode: str, max_document_char
         text = g["text"] if isinstance(g["text"], str) else None
         o = prompts.parse_instantiate(doc, tpl, r, text, mode, min_excerpt_ratio,
                                       max_answer_sentences, grounding_min_run_chars)
-        rows.append({**base, "status": o.status, "instruction": o.instruction, "answer": o.answer,
-                     "excerpt_ratio": o.excerpt_ratio, "reason": o.reason,
-                     "raw_output": text, "flags": o.flags})
+        start = quality.answer_start(o.raw_answer, doc)
+        status, reason = o.status, o.reason
+        if status == "ok" and qc.enabled:
+            reason = quality.check_pair(doc, tpl, o.instruction, o.answer, start, rules,
+                                        min_sentence_chars)
+            status = "filtered" if reason else "ok"
+        rows.append({**base, "status": status, "instruction": o.instruction, "answer": o.answer,
+                     "excerpt_ratio": o.excerpt_ratio, "reason": reason,
+                     "raw_output": text, "flags": o.flags,
+                     "answer_position": quality.answer_position(start, doc)})
     return rows
 
 
@@ -147,7 +168,7 @@ def _row_args(ctx: StageContext, spec: dict) -> dict:
                 min_sentence_chars=ic.min_sentence_chars,
                 grounding_min_run_chars=ic.grounding_min_run_chars,
                 max_document_tokens=ic.max_document_tokens, tokenizer=ctx.cfg.tokenizer.model,
-                max_attempts=ic.max_attempts)
+                max_attempts=ic.max_attempts, quality_rules=ic.quality.model_dump())
 
 
 def _summarize(ctx: StageContext, stats: StageStats, scope) -> None:

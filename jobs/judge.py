@@ -25,6 +25,7 @@ kept pairs as output, scored pairs under the minimum as ``judge_score<min``, err
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import pandas as pd
 
@@ -38,14 +39,20 @@ log = logging.getLogger(__name__)
 
 
 def judge_rows(pdf: pd.DataFrame, spec: dict, min_score: int, prompt_version: str,
-               max_attempts: int = 3) -> list[dict]:
+               max_attempts: int = 3, quality_rules: Optional[dict] = None) -> list[dict]:
     """Executor side: (pair_key, doc_id, template_id, instruction, answer, optional
     prior_attempts) in, ``judgments`` rows out (status, attempts = prior_attempts + 1; see the
     module docstring). A pair whose score could not be obtained is not kept and its reason says
     why; it is ``retry`` when the failure is transient and attempts are left
-    (:func:`finelake.faults.settle`)."""
+    (:func:`finelake.faults.settle`). ``quality_rules`` (``instantiate.quality``) go to the
+    embedded relevance judge's quality part unless its spec sets ``options.quality_rules``;
+    its parts land in ``judge_parts``."""
     from finelake.faults import settle
     from finelake.udfs.judge import judge_frame
+
+    opts = spec.get("options") or {}
+    if spec.get("backend") == "relevance" and quality_rules is not None and "quality_rules" not in opts:
+        spec = {**spec, "options": {**opts, "quality_rules": quality_rules}}
 
     j = judge_frame(spec, pdf)
     prior = (pdf["prior_attempts"].fillna(0).astype(int).tolist() if "prior_attempts" in pdf
@@ -63,7 +70,8 @@ def judge_rows(pdf: pd.DataFrame, spec: dict, min_score: int, prompt_version: st
                      "template_id": pdf["template_id"].iloc[i], "judge_score": score,
                      "judge_reason": reason, "kept": score is not None and score >= min_score,
                      "judge_model": j["judge_model"].iloc[i], "prompt_version": prompt_version,
-                     "status": status, "attempts": attempts})
+                     "status": status, "attempts": attempts,
+                     "judge_parts": j["judge_parts"].iloc[i] if "judge_parts" in j else None})
     return rows
 
 
@@ -88,7 +96,8 @@ def _inputs(ctx: StageContext, keys, n_chunks: int, chunk):
 def _row_args(ctx: StageContext, spec: dict) -> dict:
     jc = ctx.cfg.judge
     return dict(spec=spec, min_score=jc.min_score, prompt_version=jc.prompt_version,
-                max_attempts=jc.max_attempts)
+                max_attempts=jc.max_attempts,
+                quality_rules=ctx.cfg.instantiate.quality.model_dump())
 
 
 def _summarize(ctx: StageContext, stats: StageStats, scope) -> None:

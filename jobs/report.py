@@ -1,5 +1,8 @@
 """report: the funnel, distributions, template diversity and stage speeds, as Markdown plus PNGs.
 
+Beside ``report.md``: ``quality.md`` (:mod:`finelake.jobs.report_quality`), the drop counts by
+reason, where kept answers start in their documents and sampled kept and dropped pairs.
+
 Reads only the Delta tables (through delta-rs, so it works without starting Spark) and the stage
 statistics the last ``finelake run`` saved under ``<lake>/_runs``.
 
@@ -16,6 +19,7 @@ from collections import Counter
 from typing import Optional
 
 from finelake import storage
+from finelake.jobs import report_quality
 from finelake.lake import Lake
 from finelake.runtime import StageContext, StageStats
 from finelake.stage import Stage
@@ -58,6 +62,7 @@ def funnel(lake: Lake) -> list[tuple[str, int]]:
         ("instantiated ok", inst.get("ok", 0)),
         ("  null (incompatible)", inst.get("null", 0)),
         ("  excerpt-rejected", inst.get("excerpt_rejected", 0)),
+        ("  filtered by the quality rules (never judged)", inst.get("filtered", 0)),
         ("  invalid output / error", inst.get("invalid", 0) + inst.get("error", 0)),
         ("  of which failed for good (error, quarantined)", failed[INSTANTIATIONS.name]),
         ("judged out (score < min, or no score)", judged.get(False, 0)),
@@ -117,6 +122,12 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
     if fd["queries genericized"]:
         lines += [f"Template validity (valid / genericized queries): "
                   f"**{fd['  valid templates (per query)'] / fd['queries genericized']:.1%}**."]
+    drops = report_quality.drops_by_reason(lake, cfg.judge.min_score)
+    lines += ["", "### Dropped pairs by reason", "", "| reason | pairs |", "|---|---:|"]
+    lines += [f"| {k} | {n:,} |" for k, n in drops] or ["| (none) | 0 |"]
+    report_quality.write_quality_page(lake, out, cfg.judge.min_score)
+    lines += ["", "**[quality.md](quality.md)**: 20 kept pairs and 10 dropped ones, sampled with a "
+                  "fixed seed, to read in five minutes."]
 
     inst = _col(lake, INSTANTIATIONS, ["status", "excerpt_ratio"])
     ratios = [r for r, s in zip(inst["excerpt_ratio"], inst["status"])
@@ -129,6 +140,8 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
         lines += ["![excerpt ratio](excerpt_ratio.png)", "",
                   f"Excerpt ratio: min {min(ratios):.2f}, median {sorted(ratios)[len(ratios) // 2]:.2f}; "
                   f"threshold {cfg.instantiate.min_excerpt_ratio}.", ""]
+    lines += ["### Answer position", "",
+              *report_quality.position_lines(report_quality.kept_positions(lake), out), ""]
     if scores:
         _hist_plot(scores, [0.5, 1.5, 2.5, 3.5, 4.5, 5.5], "Judge scores (1-5)", "score",
                    os.path.join(out, "judge_scores.png"))

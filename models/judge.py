@@ -12,9 +12,13 @@
   false``, for general chat models as judges.
 * ``relevance`` — for the embedded profile, where SmolLM2-135M judging under a one-digit grammar
   is noise: the cosine between instruction and answer under a sentence embedding model, mapped to
-  1-5 by :func:`finelake.method.judging.relevance_to_likert`. It measures topical relevance only,
-  not helpfulness; its reason says so. Options: ``embedder_backend`` (default
-  ``sentence_transformers``), ``cuts`` (four increasing cosines), the embedder's own options.
+  1-5 by :func:`finelake.method.judging.relevance_to_likert`, combined with the text-quality rules
+  of :mod:`finelake.method.quality` (:func:`finelake.method.judging.composite_judgment`: a pair
+  that fails a rule scores 1); each part is in ``judgments.judge_parts``. It measures topical
+  relevance and text quality, not helpfulness; its reason says so. Options: ``embedder_backend``
+  (default ``sentence_transformers``), ``cuts`` (four increasing cosines), ``quality`` (default
+  true; false: relevance alone), ``quality_rules`` (the rules' thresholds; the judge stage passes
+  ``instantiate.quality``), the embedder's own options.
 
 A reply without a valid score gives ``(None, "judge_error: …")``: the pair is an error row with
 the reason in ``judgments``, never dropped silently.
@@ -22,6 +26,7 @@ the reason in ``judgments``, never dropped silently.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -50,29 +55,55 @@ def _close(model) -> None:
 
 
 class RelevanceJudge:
-    """Embedding relevance mapped onto the 1-5 scale (named for what it is)."""
+    """The embedded judge, named for what it is: embedding relevance mapped onto the 1-5 scale,
+    combined with the text-quality rules (:func:`finelake.method.judging.composite_judgment`)
+    unless ``quality`` is off.
+
+    Args:
+        embedder: a loaded embedding backend (unit vectors).
+        cuts: four increasing cosines (:func:`finelake.method.judging.relevance_to_likert`).
+        quality: combine with the quality rules (model id ``relevance+quality:<embedder>``);
+            False: relevance alone (``relevance:<embedder>``).
+        quality_rules: the rules' thresholds (``instantiate.quality`` as a dict; None: defaults).
+    """
 
     name = "relevance"
 
-    def __init__(self, embedder, cuts: Optional[Sequence[float]] = None):
+    def __init__(self, embedder, cuts: Optional[Sequence[float]] = None, quality: bool = True,
+                 quality_rules: Optional[Mapping[str, Any]] = None):
+        from finelake.method.quality import QualityRules
+
         self.embedder = embedder
         self.cuts = tuple(cuts) if cuts else judging.DEFAULT_LIKERT_CUTS
-        self.model_id = f"relevance:{embedder.model_id}"
+        self.quality = bool(quality)
+        self.rules = QualityRules.from_dict(dict(quality_rules or {}))
+        self.model_id = f"relevance{'+quality' if self.quality else ''}:{embedder.model_id}"
 
     def close(self) -> None:
         """Release the embedder (:func:`finelake.udfs.cache.close_model` calls this on eviction)."""
         _close(self.embedder)
 
-    def score(self, instructions: list[str], answers: list[str]) -> list[tuple[Optional[int], str]]:
-        """One (score 1-5, reason) per pair; cosine of unit embeddings."""
+    def score(self, instructions: list[str], answers: list[str]) -> list[tuple]:
+        """One ``(score 1-5, reason, parts JSON)`` per pair, relevance being the cosine of unit
+        embeddings; without ``quality``, ``(score, reason)``."""
         if not instructions:
             return []
         a = self.embedder.embed(list(instructions))
         b = self.embedder.embed(list(answers))
         cos = np.sum(a * b, axis=1)
-        return [(judging.relevance_to_likert(float(c), self.cuts),
-                 f"relevance cosine {float(c):.3f} (embedding relevance, not an LLM judgment)")
-                for c in cos]
+        if not self.quality:
+            return [(judging.relevance_to_likert(float(c), self.cuts),
+                     f"relevance cosine {float(c):.3f} (embedding relevance, not an LLM judgment)")
+                    for c in cos]
+        from finelake.method import quality
+
+        out = []
+        for c, ins, ans in zip(cos, instructions, answers):
+            score, reason, parts = judging.composite_judgment(
+                float(c), quality.check_answer(ans, self.rules),
+                quality.check_instruction(ins, self.rules), quality.answer_measures(ans), self.cuts)
+            out.append((score, reason, json.dumps(parts, sort_keys=True)))
+        return out
 
 
 class LLMJudge:
@@ -158,7 +189,8 @@ def judge_parts(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str,
     opts = dict(spec.get("options") or {})
     if backend == "relevance":
         settings = {"embedder_backend": opts.pop("embedder_backend", "sentence_transformers"),
-                    "cuts": opts.pop("cuts", None)}
+                    "cuts": opts.pop("cuts", None), "quality": opts.pop("quality", True),
+                    "quality_rules": opts.pop("quality_rules", None)}
         return "relevance", {**spec, "backend": settings["embedder_backend"], "options": opts}, settings
     if backend == "llm":
         settings = {"inner_backend": opts.pop("inner_backend", "vllm"),
@@ -201,6 +233,15 @@ def check_judge_options(spec: Mapping[str, Any]) -> dict[str, Any]:
                   and all(b > a for a, b in zip(cuts, cuts[1:])))
             if not ok:
                 raise OptionError("relevance", "cuts", f"{cuts!r}: must be 4 increasing numbers")
+        if not isinstance(settings["quality"], bool):
+            raise OptionError("relevance", "quality", f"{settings['quality']!r}: must be true or false")
+        if settings["quality_rules"] is not None:
+            from finelake.method.quality import QualityRules
+
+            try:
+                QualityRules.from_dict(dict(settings["quality_rules"]))
+            except (TypeError, ValueError) as exc:
+                raise OptionError("relevance", "quality_rules", str(exc)) from None
         cls = get_embedder_class(inner["backend"])
     checked = cls.check_options(inner.get("options") or {})
     return {"judge": kind, **settings, "backend": inner["backend"], "options": checked}
@@ -216,7 +257,8 @@ def create_judge(spec: dict[str, Any]):
     if kind == "relevance":
         from finelake.models.embedding import create_embedder
 
-        return RelevanceJudge(create_embedder(inner), settings["cuts"])
+        return RelevanceJudge(create_embedder(inner), settings["cuts"], settings["quality"],
+                              settings["quality_rules"])
     from finelake.models.generation import create_generator
 
     return LLMJudge(create_generator(inner), max_tokens=spec.get("max_tokens", 512),

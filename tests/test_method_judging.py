@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -222,3 +223,31 @@ def test_llm_judge_constrained_and_json_formats():
         LLMJudge(gen, format="yaml")
     with pytest.raises(ValueError, match="max_tokens"):
         LLMJudge(gen, max_tokens=20, constrained=True)
+
+
+# ----------------------------------------------------------------------------- embedded composite
+
+
+def test_composite_judgment_keeps_relevance_when_the_quality_rules_pass():
+    from finelake.method.judging import COMPOSITE_RULE, composite_judgment
+
+    score, reason, parts = composite_judgment(0.52, None, None, {"prose_share": 1.0, "words": 40})
+    assert score == 4 == parts["relevance"]["score"] == parts["score"]
+    assert parts["answer"] == {"rule": None, "prose_share": 1.0, "words": 40}
+    assert parts["instruction"] == {"rule": None} and parts["combine"] == COMPOSITE_RULE
+    assert reason.startswith("relevance cosine 0.520 -> 4; quality rules passed (prose share 1.00)")
+    assert "not an LLM judgment" in reason
+    json.dumps(parts)  # stored as JSON in judgments.judge_parts
+
+
+def test_composite_judgment_scores_1_when_a_rule_fails_however_relevant():
+    from finelake.method.judging import composite_judgment
+
+    nav = "quality:answer_navigation: navigation line 'polkit   May 2009   POLKITD(8)'"
+    score, reason, parts = composite_judgment(0.81, nav, None)
+    assert (score, parts["score"], parts["relevance"]["score"]) == (1, 1, 5)
+    assert parts["answer"]["rule"] == nav and reason.startswith(nav + " -> 1 (relevance cosine 0.810 -> 5")
+    rep = "quality:instruction_repetition: '53.33' occurs twice"
+    assert composite_judgment(0.7, None, rep)[2]["instruction"]["rule"] == rep
+    with pytest.raises(ValueError):
+        composite_judgment(math.nan, None, None)

@@ -16,7 +16,8 @@ def load_judge(spec: dict):
 
 def judge_frame(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
     """``pdf`` (columns instruction, answer) -> columns judge_score (int or None), judge_reason,
-    judge_model. A failing batch gives None scores with the error as reason, not a failed task;
+    judge_model, judge_parts (the embedded judge's parts as JSON; None for a judge that gives
+    only a score and a reason). A failing batch gives None scores with the error as reason, not a failed task;
     after an engine-level error (:func:`finelake.faults.is_engine_fault`) the cached judge is
     evicted (:func:`finelake.udfs.cache.evict`) so the next batch loads a fresh one."""
     judge = load_judge(spec)
@@ -27,6 +28,7 @@ def judge_frame(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
         scored = [(None, f"judge_error: {type(exc).__name__}: {exc}")] * len(pdf)
         if is_engine_fault(exc):  # the engine is gone (or out of memory): reload next batch
             evict("judge", spec, reason=f"{type(exc).__name__}: {exc}"[:200])
-    return pd.DataFrame({"judge_score": [s for s, _ in scored],
-                         "judge_reason": [r for _, r in scored],
-                         "judge_model": [judge.model_id] * len(pdf)})
+    return pd.DataFrame({"judge_score": [t[0] for t in scored],
+                         "judge_reason": [t[1] for t in scored],
+                         "judge_model": [judge.model_id] * len(pdf),
+                         "judge_parts": [t[2] if len(t) > 2 else None for t in scored]})

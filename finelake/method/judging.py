@@ -13,7 +13,9 @@ prompt (:func:`judge_prompt`, :func:`parse_judge_output`).
 
 On the embedded profile no small generative model judges reliably, so an embedding relevance
 model (cosine between instruction and answer) stands in, mapped onto the same scale by
-:func:`relevance_to_likert`.
+:func:`relevance_to_likert` and combined with the text-quality rules of
+:mod:`finelake.method.quality` by :func:`composite_judgment` (a header that repeats the
+instruction's words is relevant, but not an answer).
 """
 
 from __future__ import annotations
@@ -304,3 +306,46 @@ def relevance_to_likert(cosine: float, cuts: Sequence[float] = DEFAULT_LIKERT_CU
     if math.isnan(cosine):
         raise ValueError("cosine is NaN")
     return 1 + sum(1 for c in cuts if cosine >= c)
+
+
+# ----------------------------------------------------------------------------- embedded composite
+
+COMPOSITE_RULE = ("the relevance score, unless a quality rule fails (finelake.method.quality): "
+                  "then 1")
+"""How :func:`composite_judgment` combines its parts (recorded in every ``judge_parts``)."""
+
+
+def composite_judgment(cosine: float, answer_rule: Optional[str], instruction_rule: Optional[str],
+                       answer_measures: Optional[dict] = None,
+                       cuts: Sequence[float] = DEFAULT_LIKERT_CUTS) -> tuple[int, str, dict]:
+    """The embedded judge's verdict on one pair: embedding relevance and the quality rules.
+
+    Parts: ``relevance`` (the cosine and its 1-5 level, :func:`relevance_to_likert`),
+    ``answer`` and ``instruction`` (the first failing quality rule or None, and what the answer
+    rules measured). The score is the relevance level when both quality parts pass, else 1:
+    an answer made of navigation, markup, headings or repeated lines, or an instruction with a
+    section number in a slot, "does not address the instruction" (rubric level 1) however many
+    words it shares with it. Neither part is an LLM's judgment of helpfulness (§3.4's Flow Judge);
+    the reason says so.
+
+    Returns:
+        ``(score 1-5, reason, parts)``; ``parts`` is JSON-serializable and holds ``score`` and
+        ``combine`` (:data:`COMPOSITE_RULE`).
+
+    Raises:
+        ValueError: cosine is NaN, or bad cuts (:func:`relevance_to_likert`).
+    """
+    rel = relevance_to_likert(cosine, cuts)
+    failed = answer_rule or instruction_rule
+    score = 1 if failed else rel
+    parts = {"relevance": {"cosine": round(float(cosine), 4), "score": rel},
+             "answer": {"rule": answer_rule, **(answer_measures or {})},
+             "instruction": {"rule": instruction_rule},
+             "combine": COMPOSITE_RULE, "score": score}
+    if failed:
+        reason = f"{failed} -> 1 (relevance cosine {cosine:.3f} -> {rel} not used)"
+    else:
+        prose = (answer_measures or {}).get("prose_share")
+        reason = (f"relevance cosine {cosine:.3f} -> {rel}; quality rules passed"
+                  + (f" (prose share {prose:.2f})" if prose is not None else ""))
+    return score, reason + " (embedding relevance and text-quality rules, not an LLM judgment)", parts

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from finelake.method import excerpts, replies, templates
+from finelake.method import excerpts, furniture, quality, replies, templates
 from finelake.method.spans import Span, candidate_spans, split_sentences
 
 GENERICIZE_PROMPT_VERSION = "genericize-v1"
@@ -255,14 +255,19 @@ class InstantiateRequest:
 
 
 @functools.lru_cache(maxsize=16)
-def _document_lists(doc: str, max_document_chars: int,
-                    min_sentence_chars: int) -> tuple[list[Span], list[Span]]:
-    """The numbered sentences and the fill phrases of a (cut) document, decomposed mode.
+def _document_lists(doc: str, max_document_chars: int, min_sentence_chars: int,
+                    prefer_body: bool = False) -> tuple[list[Span], list[Span]]:
+    """The numbered sentences and the fill phrases of a (cut) document, decomposed mode; with
+    ``prefer_body`` only the sentences of the document's body (:func:`quality.body_units`) and
+    no phrase from a heading, running head or markup line (:func:`furniture.in_furniture`).
 
     Cached for the last few documents: requests come grouped by document (six templates each,
     §3.2), and both lists cost O(len) Python steps. Callers must not mutate the lists."""
     sents = split_sentences(doc, max_chars=max_document_chars, min_chars=min_sentence_chars) or [Span(doc, 0, len(doc))]
     phrases = candidate_spans(doc, max_spans=MAX_FILL_PHRASES, max_words=3, scan_chars=len(doc))
+    if prefer_body:
+        sents = quality.body_units(doc, sents) or sents
+        phrases = [p for p in phrases if not furniture.in_furniture(doc, p)] or phrases
     if not phrases:
         phrases = [Span(doc[:40], 0, min(40, len(doc)))]
     return sents, phrases
@@ -270,7 +275,8 @@ def _document_lists(doc: str, max_document_chars: int,
 
 def instantiate_request(document: str, template: str, mode: str, max_document_chars: int,
                         max_answer_sentences: int = 4,
-                        min_sentence_chars: int = 40) -> InstantiateRequest:
+                        min_sentence_chars: int = 40,
+                        prefer_body: bool = False) -> InstantiateRequest:
     """Build the request for one pair.
 
     Direct mode is the released template_instantiator contract: one user message
@@ -282,7 +288,10 @@ def instantiate_request(document: str, template: str, mode: str, max_document_ch
 
     Decomposed mode numbers the document's sentences (:func:`split_sentences`), fragments of
     fewer than ``min_sentence_chars`` non-whitespace characters joined to their neighbours, so
-    the model never picks a heading or an option name as the whole answer.
+    the model never picks a heading or an option name as the whole answer. With
+    ``prefer_body`` the list leaves out the document's leading header block and the headings
+    and running heads at the edges of each sentence (:func:`quality.body_units`, issue 26), so
+    an answer comes from the document's substance (§1).
 
     Raises:
         ValueError: the template has no slot (it would have been rejected by genericize).
@@ -294,7 +303,7 @@ def instantiate_request(document: str, template: str, mode: str, max_document_ch
     if mode == "direct":
         payload = json.dumps({"instruction_template": template, "document": doc}, ensure_ascii=False)
         return InstantiateRequest([{"role": "user", "content": payload}], None, [], slots)
-    sents, phrases = _document_lists(doc, max_document_chars, min_sentence_chars)
+    sents, phrases = _document_lists(doc, max_document_chars, min_sentence_chars, prefer_body)
     numbered = "\n".join(f"[{i}] {s.text}" for i, s in enumerate(sents, 1))
     listing = " ".join(f"{i}. {p.text}" for i, p in enumerate(phrases, 1))
     blanks = "\n".join(f"{i}. {d}" for i, d in enumerate(slots, 1))
