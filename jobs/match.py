@@ -29,7 +29,7 @@ from typing import Optional
 
 import pandas as pd
 
-from finelake.jobs.common import limit_ordered, read_for_keys, require
+from finelake.jobs.common import fail_point, limit_ordered, read_for_keys, require
 from finelake.jobs.index import index_slots, index_weights, latest_index, stored_weights
 from finelake.runtime import FinelakeError, StageContext, StageStats
 from finelake.stage import ChunkSettings, Limits, ModelStage
@@ -151,6 +151,7 @@ def _commit(ctx: StageContext, out) -> None:
               .select("doc_id", "p.template_id", "p.chunk_index", "p.score", "p.num_slots",
                       "p.sample_rank", "embedding_model", "index_version"))
     ctx.lake.merge(MATCHES, picked, ctx.run_id)
+    fail_point("match_log", 1)  # test hook: a kill between the two merges
     ctx.lake.merge(MATCH_LOG, out.drop("picked"), ctx.run_id)
 
 

@@ -431,7 +431,7 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
     return stats.finish()
 
 
-if __name__ == "__main__":  # spark-submit jobs/train.py --conf ... (same options as finelake train)
+if __name__ == "__main__":  # spark-submit bin/finelake_job.py train --conf ... (same options as finelake train)
     import sys
 
     from finelake.cli import main

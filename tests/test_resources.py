@@ -115,7 +115,7 @@ def test_a_session_with_dynamic_allocation_and_gpus_is_refused_before_any_stage(
     conf = SparkConf(loadDefaults=False).setAll([("spark.executor.resource.gpu.amount", "1"),
                                                  ("spark.dynamicAllocation.enabled", "true")])
     session = SimpleNamespace(sparkContext=SimpleNamespace(getConf=lambda: conf))
-    cfg = load_config("databricks", check_models=False)
+    cfg = load_config("databricks")
     with pytest.raises(ConfigError, match="spark.dynamicAllocation.enabled=true"):
         refuse_gpu_settings(cfg, session)
     conf.set("spark.dynamicAllocation.enabled", "false")

@@ -216,7 +216,7 @@ def write_profile(path: Path, base: str, edit) -> Path:
     from finelake.config import load_config
     from finelake.validate import resolved_yaml
 
-    data = yaml.safe_load(resolved_yaml(load_config(base, check_models=False)))
+    data = yaml.safe_load(resolved_yaml(load_config(base)))
     edit(data)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
