@@ -94,7 +94,8 @@ def test_every_cli_command_and_option_has_help():
 
 def test_configuration_page_lists_every_key_with_its_description():
     page = _hook().config_page(FinelakeConfig)
-    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([^`]+)` \|.*$", page, re.M)}
+    rows = {m.group(1).replace("[]", ""): m.group(0)
+            for m in re.finditer(r"^\| `([^`]+)` \|.*$", page, re.M)}
     for key, field in _all_fields(FinelakeConfig):
         # keys of a shared model (ModelConfig under models.generator, genericize.model, ...) are
         # listed once, under the model's own section, by their last part

@@ -278,8 +278,9 @@ def _sections(root: type) -> list[tuple[str, type]]:
     """Each model class once, with the key it is first found under ('' for the root)."""
     seen: dict[type, str] = {root: ""}
     for key, owner, name in config_keys(root):
-        for sub in nested_models(owner.model_fields[name].annotation):
-            seen.setdefault(sub, key)
+        ann = owner.model_fields[name].annotation
+        for sub in nested_models(ann):
+            seen.setdefault(sub, key + ("[]" if typing.get_origin(ann) is list else ""))
     return [(k, m) for m, k in seen.items()]
 
 
