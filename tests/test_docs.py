@@ -158,10 +158,10 @@ def test_method_api_page_has_every_method_module():
     assert re.findall(r"^::: finelake\.method\.(\w+)$", page, re.M) == modules
 
 
-def test_api_source_tree_maps_the_installed_packages():
+def test_api_source_tree_maps_the_installed_packages(tmp_path):
     hook = _hook()
     assert hook.package_dirs()["finelake.jobs"] == "jobs"
-    tree = hook.api_source_tree() / "finelake"
+    tree = hook.api_source_tree(tmp_path) / "finelake"
     assert (tree / "jobs" / "pipeline.py").resolve() == (ROOT / "jobs" / "pipeline.py").resolve()
     assert (tree / "stage.py").resolve() == (ROOT / "finelake" / "stage.py").resolve()
 

@@ -44,9 +44,22 @@ ROOT = Path(__file__).resolve().parents[2]
 def on_config(config):
     """Point mkdocstrings at :func:`api_source_tree` (MkDocs ``on_config`` event)."""
     python = config.plugins["mkdocstrings"].config["handlers"].setdefault("python", {})
-    python["paths"] = [str(api_source_tree())]
+    global _TREE
+    _TREE = api_source_tree()
+    python["paths"] = [str(_TREE)]
     config.markdown_extensions.append(_EscapeHtmlBetweenMarkers())
     return config
+
+
+_TREE: Optional[Path] = None
+
+
+def on_shutdown():
+    """Remove :func:`api_source_tree`'s folder (MkDocs ``on_shutdown`` event)."""
+    import shutil
+
+    if _TREE is not None:
+        shutil.rmtree(_TREE, ignore_errors=True)
 
 
 _MARK = "<!-- escape-html -->"
@@ -116,7 +129,7 @@ def package_dirs(setup_py: Path = ROOT / "setup.py") -> dict[str, str]:
     raise ValueError(f"{setup_py}: no package_dir")
 
 
-def api_source_tree() -> Path:
+def api_source_tree(base: Optional[Path] = None) -> Path:
     """A folder holding ``finelake/`` as it is installed, for mkdocstrings (griffe) to read.
 
     The repository keeps ``jobs/``, ``udfs/``, ``models/``, ``conf/`` beside ``finelake/`` and
@@ -124,10 +137,11 @@ def api_source_tree() -> Path:
     finder follows ``finelake`` to its folder only. This builds, in a temporary folder,
     ``finelake/`` with a link to each entry of the repository's ``finelake/`` and one per mapped
     subpackage, so ``::: finelake.jobs.pipeline`` is read from the source like any other module.
+    The folder is made under ``base`` (default: the system's temporary folder).
     """
     import tempfile
 
-    tree = Path(tempfile.mkdtemp(prefix="finelake-docs-api-"))
+    tree = Path(tempfile.mkdtemp(prefix="finelake-docs-api-", dir=base))
     pkg = tree / "finelake"
     pkg.mkdir()
     mapped = {name.split(".", 1)[1]: ROOT / folder
@@ -475,7 +489,8 @@ def pipeline_page(pipeline: Iterable[Any]) -> str:
                          f"chunks by `{s.chunk_key}`; executor row function "
                          f"`{s.rows.__module__}.{s.rows.__name__}`.")
         else:
-            lines.append(f"Driver function `{s.run.__module__}.{s.run.__name__}`.")
+            where = s.run.__module__ + ("" if s.run.__name__ == "<lambda>" else f".{s.run.__name__}")
+            lines.append(f"Runs on the driver: `{where}`.")
         lines.append("")
     return "\n".join(lines)
 
