@@ -30,11 +30,21 @@ DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 
 
-def _hook():
-    spec = importlib.util.spec_from_file_location("docs_reference_hook", DOCS / "hooks" / "reference.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"docs_hooks_{name}", DOCS / "hooks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _hook():
+    """``docs/hooks/reference.py``: the MkDocs events, the API source tree, the CLI page escaping."""
+    return _load("reference")
+
+
+def _pages():
+    """``docs/hooks/reference_pages.py``: the page builders."""
+    return _load("reference_pages")
 
 
 # ----------------------------------------------------------------------------- descriptions
@@ -93,7 +103,7 @@ def test_every_cli_command_and_option_has_help():
 
 
 def test_configuration_page_lists_every_key_with_its_description():
-    page = _hook().config_page(FinelakeConfig)
+    page = _pages().config_page(FinelakeConfig)
     rows = {m.group(1).replace("[]", ""): m.group(0)
             for m in re.finditer(r"^\| `([^`]+)` \|.*$", page, re.M)}
     for key, field in _all_fields(FinelakeConfig):
@@ -107,7 +117,7 @@ def test_configuration_page_lists_every_key_with_its_description():
 
 
 def test_renaming_a_field_renames_its_row_without_a_markdown_edit():
-    hook = _hook()
+    hook = _pages()
 
     class Section(BaseModel):
         chunk_rows: int = Field(400, ge=1, description="Rows per committed chunk.")
@@ -130,7 +140,7 @@ def test_tables_page_lists_every_table_column_and_key():
     from finelake.jobs.pipeline import PIPELINE
     from finelake.tables import ALL_TABLES
 
-    page = _hook().tables_page(ALL_TABLES.values(), PIPELINE)
+    page = _pages().tables_page(ALL_TABLES.values(), PIPELINE)
     for t in ALL_TABLES.values():
         section = page.split(f"## `{t.name}` {{#{t.name}}}", 1)[1].split("\n## ", 1)[0]
         for f in t.schema:
@@ -143,7 +153,7 @@ def test_tables_page_lists_every_table_column_and_key():
 def test_pipeline_page_follows_pipeline():
     from finelake.jobs.pipeline import PIPELINE
 
-    page = _hook().pipeline_page(PIPELINE)
+    page = _pages().pipeline_page(PIPELINE)
     names = [s.name for s in PIPELINE]
     assert [m.group(1) for m in re.finditer(r"^## `([^`]+)`", page, re.M)] == names
     run_line = next(line for line in page.splitlines() if line.startswith("`finelake run` runs"))
@@ -153,7 +163,7 @@ def test_pipeline_page_follows_pipeline():
 
 
 def test_method_api_page_has_every_method_module():
-    page = _hook().method_api_page(ROOT / "finelake" / "method")
+    page = _pages().method_api_page(ROOT / "finelake" / "method")
     modules = sorted(p.stem for p in (ROOT / "finelake" / "method").glob("*.py") if not p.stem.startswith("_"))
     assert re.findall(r"^::: finelake\.method\.(\w+)$", page, re.M) == modules
 
