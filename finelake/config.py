@@ -3,7 +3,7 @@
 A profile is a YAML file (``conf/local.yaml``, ``conf/databricks.yaml``, ``conf/emr.yaml``) or the
 name of one of the packaged profiles. Every key is declared below; an unknown key or a value of the
 wrong type raises :class:`ConfigError` naming the key and the file. Command-line overrides use
-dotted keys (``--set match.threshold=0.5``) and are validated the same way.
+dotted keys (``--set match.default_threshold=0.5``) and are validated the same way.
 
 Inheritance: a profile may start with ``extends: <parent>``; the parent is read first and the
 child is merged over it (:func:`deep_merge`: mappings merge key by key, recursively; scalars,
@@ -46,7 +46,8 @@ class SparkConfig(_Strict):
     master: Optional[str] = Field(
         "local[*]", description="Spark master; null on clusters where spark-submit sets it."
     )
-    app_name: str = "finelake"
+    app_name: str = Field("finelake", description="Spark application name (shown in the Spark UI "
+                          "and the cluster's job list).")
     delta: Literal["auto", "delta-spark", "deltalake"] = Field(
         "auto",
         description="How Delta tables are written: delta-spark where its jars are on the classpath "
@@ -74,14 +75,19 @@ class ModelConfig(_Strict):
                          "openai, sentence_transformers, relevance, llm).")
     model: str = Field(..., description="Local path, hub id, or 'embedded:<name>' for models that "
                        "ship inside registry packages.")
-    revision: Optional[str] = None
+    revision: Optional[str] = Field(None, description="Hub revision (a full 40-digit commit) of a "
+                                    "hub model; null: the latest. `finelake validate --models` "
+                                    "warns about an unpinned hub model.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings "
                                     "(dtype, tensor_parallel_size, gpu_memory_utilization, n_ctx, "
                                     "...); a null value removes an option that a parent profile "
                                     "(extends:) set, e.g. when a child switches the backend.")
-    batch_size: int = Field(16, ge=1)
-    max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(16, ge=1, description="Requests (prompts, texts or pairs) per model "
+                            "call; a GPU task's chunk is sized to give it whole batches.")
+    max_tokens: int = Field(256, ge=1, description="Most tokens a generator or judge writes per "
+                            "request.")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature of a generator; 0: "
+                               "greedy decoding (reproducible runs).")
 
     @field_validator("options", mode="before")
     @classmethod
@@ -114,13 +120,18 @@ class DocumentFilterConfig(_Strict):
 
 
 class IngestConfig(_Strict):
-    min_chars: int = Field(1, ge=1)
+    min_chars: int = Field(1, ge=1, description="Shorter texts (after normalization) are "
+                           "quarantined.")
     max_chars: int = Field(20000, ge=1, description="Longer texts are quarantined, not truncated.")
-    near_dup: bool = True
+    near_dup: bool = Field(True, description="Remove near-duplicates (MinHash LSH on word 5-grams) "
+                           "besides exact duplicates.")
     near_dup_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word "
                                       "5-gram shingles above which two texts are near-duplicates.")
-    near_dup_hash_tables: int = Field(8, ge=1)
-    decontaminate: bool = True
+    near_dup_hash_tables: int = Field(8, ge=1, description="MinHash LSH hash tables (Spark ML "
+                                      "MinHashLSH numHashTables): more find more near-duplicate "
+                                      "pairs and cost more.")
+    decontaminate: bool = Field(True, description="Remove queries that overlap an evaluation set "
+                                "(n-gram overlap, Tulu 3 style; §3.1).")
     decontamination_ngram: int = Field(8, ge=1, description="Tulu 3 style n-gram overlap size.")
     decontamination_threshold: float = Field(0.5, gt=0, le=1, description="Share of a query's "
                                              "n-grams found in an eval set above which it is removed.")
@@ -152,8 +163,10 @@ class GenericizeConfig(_Strict):
         description="'direct': the query_templatizer contract (query in, JSON with template and "
         "compatible_document_description out). 'decomposed': a small model picks spans and "
         "describes them under constrained decoding, and code assembles the template.")
-    prompt_version: str = "genericize-v1"
-    max_slots: int = Field(4, ge=1)
+    prompt_version: str = Field("genericize-v1", description="Recorded on genericizations and "
+                                "templates rows; change it when the prompts change.")
+    max_slots: int = Field(4, ge=1, description="Decomposed mode: most spans of a query the model "
+                           "may turn into <fi> slots.")
     constrained: bool = Field(
         True, description="Send the reply's JSON schema as a decoding constraint. false: the "
         "model answers freely and the first JSON object of its reply is read (extra keys "
@@ -179,12 +192,14 @@ class IndexConfig(_Strict):
         "auto", description="IVF lists; auto: 4*sqrt(n) rounded to a power of two (FAISS's "
         "guidance of 4-16*sqrt(n): 4,096 at 1M templates, 16,384 at 18M), so a query scans about "
         "nprobe*sqrt(n)/4 vectors. Capped at train_size // 39.")
-    nprobe: int = Field(32, ge=1)
+    nprobe: int = Field(32, ge=1, description="IVF lists searched per query vector (more: better "
+                        "recall at the threshold, slower match).")
     train_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Vectors the IVF kinds are trained on (a sample chosen by id hash); the "
         "rest are added in batches. auto: max(131072, 39 * nlist), FAISS's minimum per list.")
     add_batch: int = Field(65536, ge=1, description="Vectors read and added per batch on the driver.")
-    recall_k: int = Field(10, ge=1)
+    recall_k: int = Field(10, ge=1, description="k of the recall@k the index build measures "
+                          "against exact search (recorded in meta.json).")
     recall_documents: int = Field(200, ge=0, description="Documents sampled (first by id) and "
                                   "embedded like match (K+1 pooled vectors) to measure the recall at "
                                   "the threshold; 0: a sample of the indexed vectors instead.")
@@ -192,8 +207,10 @@ class IndexConfig(_Strict):
 
 class MatchConfig(_Strict):
     chunks: int = Field(5, ge=0, description="K Gaussian-pooled chunk embeddings (Appendix B).")
-    sigma: float = Field(0.05, gt=0)
-    alpha: float = Field(1.0, ge=0, le=1)
+    sigma: float = Field(0.05, gt=0, description="Width of each Gaussian pooling kernel, as a "
+                         "fraction of the document's length (Appendix B; 0.05 in the paper).")
+    alpha: float = Field(1.0, ge=0, le=1, description="Blend of each chunk embedding with the "
+                         "global mean: 1.0 = the chunk's own Gaussian-pooled vector (Appendix B).")
     top_k: int = Field(20, ge=1, description="FAISS neighbours per document embedding for "
                        "'finelake calibrate' (match itself range-searches at the threshold).")
     max_candidates: Optional[int] = Field(
@@ -260,16 +277,27 @@ class InstantiateConfig(_Strict):
                               "failed transiently (timeout, OOM, dead engine, HTTP 429/5xx: "
                               "finelake.faults); after the last one it is an error, quarantined.")
     max_answer_sentences: int = Field(4, ge=1, description="Decomposed mode: longest answer, in sentences.")
-    mode: Literal["decomposed", "direct"] = "decomposed"
-    prompt_version: str = "instantiate-v1"
-    min_excerpt_ratio: float = Field(0.8, ge=0, le=1)
+    mode: Literal["decomposed", "direct"] = Field("decomposed", description="'direct': the "
+                                                  "template_instantiator contract (template and "
+                                                  "document in, JSON instruction and answer out). "
+                                                  "'decomposed' (small models): the model picks "
+                                                  "slot fills and a sentence range of the "
+                                                  "document from numbered lists under constrained "
+                                                  "decoding, and code assembles the instruction "
+                                                  "and the excerpt pointer.")
+    prompt_version: str = Field("instantiate-v1", description="Recorded on instantiations rows; "
+                                "change it when the prompts change.")
+    min_excerpt_ratio: float = Field(0.8, ge=0, le=1, description="Share of the answer that must "
+                                     "be excerpted from the document (§3.3: 0.8); below it the "
+                                     "pair is excerpt_rejected.")
     grounding_min_run_chars: int = Field(
         20, ge=1, description="The tag-blind grounding check (instantiate and budget) counts only "
         "runs of at least this many characters copied from the document; shorter answers fail.")
     min_sentence_chars: int = Field(
         40, ge=0, description="Decomposed mode: sentence fragments with fewer non-whitespace "
         "characters (headings, option names in manuals) are joined to their neighbours.")
-    max_document_chars: int = Field(6000, ge=100)
+    max_document_chars: int = Field(6000, ge=100, description="Documents are cut to this many "
+                                    "characters before they go into the prompt.")
     quality: InstantiateQualityConfig = Field(
         default_factory=InstantiateQualityConfig, description="Answer and instruction quality "
         "rules between instantiation and judge (issue 26).")
@@ -280,7 +308,8 @@ class InstantiateConfig(_Strict):
 
 
 class JudgeConfig(_Strict):
-    min_score: int = Field(4, ge=1, le=5)
+    min_score: int = Field(4, ge=1, le=5, description="Pairs the judge scores below this (1–5 "
+                           "Likert) are dropped (§3.4: 4).")
     chunk_rows: int = Field(2000, ge=1, description="Pairs per committed chunk (a killed run loses at most one).")
     max_attempts: int = Field(3, ge=1, description="Runs that may try a row whose model call "
                               "failed transiently (timeout, OOM, dead engine, HTTP 429/5xx: "
@@ -290,7 +319,8 @@ class JudgeConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the hashed document order and each document's random "
+                      "subset of pairs (§4.2).")
     buckets: int = Field(1, ge=1, description="Independent budget walks (§4.2), a document's by "
                          "a hash of its id (finelake.method.budget.budget_bucket); each runs on an "
                          "executor with its own carry. 1 is the single walk of the paper. Fixed "
@@ -317,7 +347,8 @@ class ContinueConfig(_Strict):
     max_attempts: int = Field(3, ge=1, description="Runs that may try a row whose model call "
                               "failed transiently (timeout, OOM, dead engine, HTTP 429/5xx); then "
                               "it is error and quarantined.")
-    prompt_version: str = "continue-v1"
+    prompt_version: str = Field("continue-v1", description="Recorded on continuations rows; change "
+                                "it when the prompt changes.")
     truncation: Literal["trim", "drop"] = Field(
         "trim", description="A continuation cut by the token limit mid-sentence: 'trim' it to its "
         "last sentence end (dropped when it has none), or 'drop' it.")
@@ -339,14 +370,20 @@ class ContinueConfig(_Strict):
 
 
 class ModelsConfig(_Strict):
-    generator: ModelConfig
-    embedder: ModelConfig
-    judge: ModelConfig
+    generator: ModelConfig = Field(..., description="Generator of genericize, instantiate and "
+                                   "continue (unless a stage names its own model).")
+    embedder: ModelConfig = Field(..., description="Embedder of index and match (template "
+                                  "descriptions, Gaussian-pooled documents).")
+    judge: ModelConfig = Field(..., description="Judge of judge: relevance (embedding cosine "
+                               "mapped to 1–5) or llm (Flow Judge format).")
 
 
 class RunConfig(_Strict):
-    max_queries: Optional[int] = Field(None, ge=1)
-    max_documents: Optional[int] = Field(None, ge=1)
+    max_queries: Optional[int] = Field(None, ge=1, description="Genericize at most the first N "
+                                       "queries by id (--max-queries overrides); null: all.")
+    max_documents: Optional[int] = Field(None, ge=1, description="Match, instantiate and continue "
+                                         "at most the first N documents by id (--max-documents "
+                                         "overrides); null: all.")
 
 
 class _Gates(_Strict):
@@ -395,9 +432,11 @@ class QualityConfig(_Strict):
                          "and judge (on by default in the cluster profiles).")
     canary_rows: int = Field(64, ge=1, description="Rows of the canary chunk (chosen by a stable "
                              "hash of the stage's chunk key, so every run picks the same ones).")
-    genericize: GenericizeGates = Field(default_factory=GenericizeGates)
-    instantiate: InstantiateGates = Field(default_factory=InstantiateGates)
-    judge: JudgeGates = Field(default_factory=JudgeGates)
+    genericize: GenericizeGates = Field(default_factory=GenericizeGates, description="Gates of "
+                                        "genericize's canary.")
+    instantiate: InstantiateGates = Field(default_factory=InstantiateGates, description="Gates of "
+                                          "instantiate's canary.")
+    judge: JudgeGates = Field(default_factory=JudgeGates, description="Gates of judge's canary.")
 
 
 # ----------------------------------------------------------------------------- train / evaluate
@@ -439,13 +478,15 @@ class ScratchModelConfig(_Strict):
     """A Llama-style model trained from random weights with the training tokenizer (§4.2 trains
     1.8B-parameter models with a Llama-3 tokenizer; the local default is a few million)."""
 
-    hidden_size: int = Field(256, ge=8)
-    intermediate_size: int = Field(1024, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
+    hidden_size: int = Field(256, ge=8, description="Width of the model (embedding and hidden "
+                             "size).")
+    intermediate_size: int = Field(1024, ge=8, description="Width of each MLP block.")
+    num_layers: int = Field(4, ge=1, description="Transformer layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
     num_kv_heads: int = Field(4, ge=1, description="Grouped-query attention: key/value heads.")
-    rope_theta: float = Field(10000.0, gt=0)
-    tie_word_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position embedding.")
+    tie_word_embeddings: bool = Field(True, description="Share the input embedding and output "
+                                      "projection weights.")
     learning_rate: Optional[float] = Field(None, gt=0, description="Overrides train.learning_rate "
                                            "for scratch runs (5e-5 is a fine-tuning rate; small "
                                            "models from scratch want ~1e-3).")
@@ -463,10 +504,13 @@ class TrainConfig(_Strict):
                        "continuations (prompt/continuation), or any table with a text column.")
     loss_on: Literal["answer", "all"] = Field("answer", description="Loss on the answer tokens only "
                                               "or on every token (text-only tables: always all).")
-    epochs: float = Field(3.0, gt=0)
-    learning_rate: float = Field(5e-5, gt=0)
+    epochs: float = Field(3.0, gt=0, description="Passes over the training set (max_steps, when "
+                          "set, stops earlier).")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate (after warmup).")
     batch_size: int = Field(32, ge=1, description="Examples per device per step.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer "
+                                             "step (effective batch = batch_size x this x "
+                                             "devices).")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after N optimizer steps "
                                      "(null: run all epochs).")
     max_seq_len: int = Field(2048, ge=8, description="Examples are truncated to this many tokens.")
@@ -474,29 +518,36 @@ class TrainConfig(_Strict):
     lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
         "cosine", description="Decay after warmup.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 0
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seeds initialization, data order and dropout.")
     max_rows: Optional[int] = Field(None, ge=1, description="Use at most N rows (in key order).")
     token_budget: Optional[int] = Field(None, ge=1, description="Truncate the training set to this "
                                         "many tokens (whole examples, in key order).")
     packing: bool = Field(False, description="Pack examples into max_seq_len blocks (TRL BFD).")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward "
+                                         "pass: less memory, slower steps.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU.")
-    logging_steps: int = Field(5, ge=1)
+    logging_steps: int = Field(5, ge=1, description="Optimizer steps between logged loss / "
+                               "learning-rate points (MLflow).")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch.set_num_threads on CPU.")
     output_dir: Optional[str] = Field(None, description="Checkpoints and the final model; null: "
                                       "<lake>/_models/<run_id>.")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    scratch: ScratchModelConfig = Field(default_factory=ScratchModelConfig)
-    mlflow: TrackingConfig = Field(default_factory=TrackingConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter settings "
+                               "(method lora).")
+    scratch: ScratchModelConfig = Field(default_factory=ScratchModelConfig, description="The model "
+                                        "trained from random weights (method scratch).")
+    mlflow: TrackingConfig = Field(default_factory=TrackingConfig, description="Where runs, "
+                                   "metrics and models are recorded (MLflow).")
 
 
 class EvaluateConfig(_Strict):
     """``finelake evaluate``: IFEval, AlpacaEval-style win rates, multi-aspect scores, token shift."""
 
     benchmarks: list[Literal["ifeval", "alpacaeval", "aspects", "mt_bench", "token_shift"]] = Field(
-        default_factory=lambda: ["ifeval", "alpacaeval", "aspects", "token_shift"])
+        default_factory=lambda: ["ifeval", "alpacaeval", "aspects", "token_shift"],
+        description="Benchmarks finelake evaluate runs (--benchmark overrides): ifeval, alpacaeval "
+        "(win rates), aspects (1–5 aspect scores), mt_bench (first turn, opt-in), token_shift.")
     limit: Optional[int] = Field(None, ge=1, description="First N items of each set (null: all).")
     max_new_tokens: int = Field(512, ge=1, description="Greedy generation limit per response.")
     batch_size: int = Field(8, ge=1, description="Prompts generated together.")
@@ -509,7 +560,7 @@ class EvaluateConfig(_Strict):
     base_model: Optional[str] = Field(None, description="Base model for token_shift; null: "
                                       "train.base_model.")
     shift_top_k: int = Field(20, ge=1, description="Most frequent shifted tokens reported.")
-    torch_threads: Optional[int] = Field(None, ge=1)
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch.set_num_threads on CPU.")
 
 
 class CompareConfig(_Strict):
@@ -541,27 +592,47 @@ class MaintenanceConfig(_Strict):
 
 
 class FinelakeConfig(_Strict):
-    profile: str = "local"
+    profile: str = Field("local", description="The profile's name, recorded with each run's "
+                         "statistics.")
     lake: str = Field("./lake", description="Root folder (or URI) of the lake; tables live at <lake>/<name>.")
-    spark: SparkConfig = Field(default_factory=SparkConfig)
-    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    models: ModelsConfig
-    ingest: IngestConfig = Field(default_factory=IngestConfig)
-    genericize: GenericizeConfig = Field(default_factory=GenericizeConfig)
-    index: IndexConfig = Field(default_factory=IndexConfig)
-    match: MatchConfig = Field(default_factory=MatchConfig)
-    instantiate: InstantiateConfig = Field(default_factory=InstantiateConfig)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig, description="The Spark session: "
+                               "master, Delta engine, extra spark.* settings.")
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig, description="Where the tables "
+                                   "are registered for SQL (Unity Catalog / Glue / the session "
+                                   "catalog).")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The training "
+                                       "tokenizer every token count uses (ingest, budget).")
+    models: ModelsConfig = Field(..., description="The default generator, embedder and judge; a "
+                                 "stage's own model: key overrides them.")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="finelake ingest: "
+                                 "limits, dedup, decontamination, document quality filters.")
+    genericize: GenericizeConfig = Field(default_factory=GenericizeConfig, description="finelake "
+                                         "genericize: queries into <fi> templates (§3.1).")
+    index: IndexConfig = Field(default_factory=IndexConfig, description="finelake index: the FAISS "
+                               "index of template descriptions (§3.2).")
+    match: MatchConfig = Field(default_factory=MatchConfig, description="finelake match: "
+                               "Gaussian-pooled document embeddings, threshold, weighted template "
+                               "sample (§3.2, Appendix B).")
+    instantiate: InstantiateConfig = Field(default_factory=InstantiateConfig, description=(
+        "finelake instantiate: templates filled from their documents, answers by excerpt (§3.3)."))
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="finelake judge: the 1–5 "
+                               "judge and its threshold (§3.4).")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="finelake budget: the "
+                                 "per-document token budget with rollover (§4.2).")
     continue_: ContinueConfig = Field(default_factory=ContinueConfig, alias="continue",
                                       description="The 'continue:' section (a Python keyword).")
-    run: RunConfig = Field(default_factory=RunConfig)
-    quality: QualityConfig = Field(default_factory=QualityConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    compare: CompareConfig = Field(default_factory=CompareConfig)
-    maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
+    run: RunConfig = Field(default_factory=RunConfig, description="Default limits of a run (the "
+                           "--max-queries / --max-documents options override them).")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="The canary: a first "
+                                   "chunk of each model stage checked against quality gates.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="finelake train: TRL SFT "
+                               "on a Delta table, tracked in MLflow.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="finelake "
+                                     "evaluate: benchmarks, judge, token shift.")
+    compare: CompareConfig = Field(default_factory=CompareConfig, description="finelake compare: "
+                                   "small train + evaluate grid at equal tokens.")
+    maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig, description=(
+        "finelake optimize (VACUUM retention, pins) and Delta commit retries."))
     load_test: bool = Field(False, description="True only in profiles for plumbing benchmarks and "
                             "fault tests (conf/load-test.yaml): allows the synthetic 'load' model "
                             "backends, whose outputs must never be trained on.")

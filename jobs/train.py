@@ -431,9 +431,3 @@ def run_train(ctx: StageContext, table: Optional[str] = None, version: Optional[
     return stats.finish()
 
 
-if __name__ == "__main__":  # spark-submit bin/finelake_job.py train --conf ... (same options as finelake train)
-    import sys
-
-    from finelake.cli import main
-
-    main(["train", *sys.argv[1:]])
