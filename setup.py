@@ -65,6 +65,8 @@ DEV = [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "hypothesis>=6",
+    # tests/test_layers.py: imports run one way (.importlinter, tools/lint_imports.py).
+    "import-linter==2.17",
     # tests/test_deploy_*.py: the Databricks bundle checked with the SDK's and databricks-bundles'
     # own job types, the EMR steps with botocore's EMR service model (offline), the wheel built
     # with `python -m build`.

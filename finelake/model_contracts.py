@@ -404,9 +404,9 @@ def check_model_files(cfg: "FinelakeConfig",
         make ``finelake validate --models`` fail, warnings do not.
 
     Raises:
-        ValueError: a model's backend or options are invalid (:func:`finelake.validate.check_model`).
+        ValueError: a model's backend or options are invalid (:func:`finelake.model_checks.check_model`).
     """
-    from finelake.validate import check_model, model_configs
+    from finelake.model_checks import check_model, model_configs
 
     lines: list[str] = []
     problems: list[str] = []

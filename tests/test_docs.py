@@ -267,7 +267,7 @@ def test_set_keys_shown_in_the_docs_exist():
                 continue
             found += 1
             try:
-                load_config("local", [f"{key}={value or 1}"], check_models=False)
+                load_config("local", [f"{key}={value or 1}"])
             except Exception as exc:  # noqa: BLE001 - the message names the key
                 if "unknown key" in str(exc) or "Extra inputs" in str(exc):
                     pytest.fail(f"{name}: --set {key}=... names no profile key: {exc}")
