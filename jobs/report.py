@@ -93,6 +93,41 @@ def _hist_plot(values, bins, title, xlabel, path):
         ax.set_ylabel("count")
 
 
+def _complexity_section(ctx: StageContext, lake: Lake, kept_template_ids, out: str) -> list[str]:
+    """§3.2's three complexity distributions side by side (table and plot): the target (the
+    index version's stored target, by default the lake's genericized real queries), the
+    candidates of the calibration documents (the weights' pool) and the kept pairs' templates,
+    with the sampling weight of each complexity (issue 25 item 5)."""
+    from finelake.jobs.index import stored_weights
+    from finelake.method.sampling import complexity_shares
+    from finelake.plots import saved_figure
+
+    stored = stored_weights(ctx.cfg, ctx.spark if storage.is_uri(ctx.cfg.lake) else None)
+    if not stored:
+        return []
+    slots = dict(zip(*_col(lake, TEMPLATES, ["template_id", "num_slots"]).values()))
+    kept = Counter(int(slots[t]) for t in kept_template_ids if slots.get(t) is not None)
+    rows = complexity_shares(target=stored["target"], candidates=stored["pool"], kept=kept)
+    weights = {int(k): float(v) for k, v in stored["weights"].items()}
+    lines = ["", "## Template complexity (§3.2)", "",
+             f"Target: {stored.get('target_source', 'genericized real queries')}; candidates: "
+             f"{stored.get('pool_source', 'the calibration documents')}; kept: "
+             f"{sum(kept.values())} kept pairs' templates.", "",
+             "| slots | target | candidates | kept | weight |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {s['target']:.1%} | {s['candidates']:.1%} | {s['kept']:.1%} | "
+              f"{weights.get(k, float('nan')):.2f} |" for k, s in rows]
+    with saved_figure(os.path.join(out, "complexity.png"), figsize=(5.5, 3.2)) as (fig, ax):
+        width = 0.27
+        for i, name in enumerate(("target", "candidates", "kept")):
+            ax.bar([k + (i - 1) * width for k, _ in rows], [s[name] for _, s in rows], width,
+                   label=name)
+        ax.set_xlabel("slots per template")
+        ax.set_ylabel("share")
+        ax.set_xticks([k for k, _ in rows])
+        ax.legend()
+    return lines + ["", "![template complexity](complexity.png)", ""]
+
+
 def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
     """Write ``report.md`` and plots; print the Markdown; return the report's path."""
     from finelake.method.diversity import few_shot_slot_copies, template_usage_stats
@@ -150,8 +185,10 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
                   "Judge scores: " + ", ".join(f"{k}: {c[k]}" for k in sorted(c)) +
                   f" (kept: score >= {cfg.judge.min_score}).", ""]
 
-    # Template diversity (§6.1), over kept pairs in budget (processing) order.
     pairs = _col(lake, PAIRS, ["doc_id", "template_id", "budget_order"])
+    lines += _complexity_section(ctx, lake, pairs["template_id"], out)
+
+    # Template diversity (§6.1), over kept pairs in budget (processing) order.
     ledger = _col(lake, BUDGET_LEDGER, ["doc_id", "budget_order"])
     by_doc: dict[str, list[str]] = {d: [] for d in ledger["doc_id"]}
     for d, t in zip(pairs["doc_id"], pairs["template_id"]):

@@ -207,3 +207,15 @@ def test_kept_complexity_with_six_draws_per_document():
     assert total == 9000
     assert _tv(kept, TARGET) < 0.06
     assert _tv(kept, TARGET) * 5 < _tv(unweighted, TARGET)
+
+
+def test_complexity_shares_put_the_three_distributions_side_by_side():
+    from finelake.method.sampling import complexity_shares
+
+    rows = complexity_shares(target={"1": 3, "3": 1}, candidates={1: 6, 2: 2}, kept={})
+    assert [k for k, _ in rows] == [1, 2, 3]
+    assert rows[0][1] == {"target": 0.75, "candidates": 0.75, "kept": 0.0}
+    assert rows[1][1] == {"target": 0.0, "candidates": 0.25, "kept": 0.0}
+    assert rows[2][1] == {"target": 0.25, "candidates": 0.0, "kept": 0.0}
+    with pytest.raises(ValueError, match="kept: negative"):
+        complexity_shares(kept={1: -1})

@@ -165,3 +165,33 @@ def sample_templates(candidates: Iterable[Candidate], weights: Optional[Mapping[
         keyed.append((-k, -c.score, c.template_id, c))
     keyed.sort()
     return [t[-1] for t in keyed[:n]]
+
+
+def complexity_shares(**distributions: Mapping[int, int]) -> list[tuple[int, dict[str, float]]]:
+    """The complexity distributions of §3.2 side by side, as shares, for the run report: the
+    target (real queries' templates), the candidates retrieval returned (the weights' pool) and
+    the kept pairs' templates, each normalized to sum to 1 (an empty one stays all 0).
+
+    Args:
+        **distributions: name -> (complexity = number of slots -> count >= 0).
+
+    Returns:
+        ``[(complexity, {name: share})]`` for every complexity in any distribution, ascending.
+
+    Raises:
+        ValueError: a negative count.
+    """
+    out: dict[int, dict[str, float]] = {}
+    for name, counts in distributions.items():
+        counts = {int(k): int(v) for k, v in counts.items()}
+        if any(v < 0 for v in counts.values()):
+            raise ValueError(f"{name}: negative count in {counts}")
+        total = sum(counts.values())
+        for k in counts:
+            out.setdefault(k, {})
+        for k in out:
+            out[k][name] = counts.get(k, 0) / total if total else 0.0
+    for k in out:
+        for name in distributions:
+            out[k].setdefault(name, 0.0)
+    return sorted(out.items())
