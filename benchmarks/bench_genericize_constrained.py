@@ -34,14 +34,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from finelake.config import load_config
-    from finelake.jobs.common import model_spec
+    from finelake.models.spec import ModelSpec
     from finelake.jobs.genericize import genericize_rows
     from finelake.method.replies import stage_signals
     from finelake.udfs.generation import load_generator
 
     cfg = load_config(args.conf)
     g = cfg.genericize
-    spec = model_spec(g.model or cfg.models.generator)
+    spec = ModelSpec.of(g.model or cfg.models.generator, "generator")
     lines = resources.files("finelake.sample").joinpath("queries.jsonl").read_text(
         encoding="utf-8").split("\n")
     queries = [json.loads(x)["query"] for x in lines if x.strip()][:args.queries]

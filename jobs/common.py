@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import pyarrow as pa
 
@@ -24,16 +24,10 @@ from finelake.tables import TableDef
 log = logging.getLogger(__name__)
 
 
-def model_spec(m: ModelConfig, **override) -> dict:
-    """The plain-dict form of a model config that travels to executors (and keys the model cache)."""
-    spec = m.model_dump()
-    spec.update({k: v for k, v in override.items() if v is not None})
-    return spec
-
-
-def model_label(m: ModelConfig | dict) -> str:
-    """``backend:model[@revision]`` for lineage columns."""
-    d = m if isinstance(m, dict) else m.model_dump()
+def model_label(m: "ModelConfig | Mapping") -> str:
+    """``backend:model[@revision]`` for lineage columns (a model config, a
+    :class:`~finelake.models.spec.ModelSpec` or a dict of their fields)."""
+    d = m.model_dump() if hasattr(m, "model_dump") else dict(m)
     rev = f"@{d['revision']}" if d.get("revision") else ""
     return f"{d['backend']}:{d['model']}{rev}"
 

@@ -26,9 +26,10 @@ from typing import Union
 from finelake import storage
 from finelake.jobs import chunks as chunk_loop
 from finelake.jobs.common import (RETRY_MERGE, call_meter, count_outcomes, fail_point, map_rows,
-                                  model_spec, quarantine_failures, record_meter, unfinished)
+                                  quarantine_failures, record_meter, unfinished)
 from finelake.lake import chunk_count
 from finelake.resources import chunk_size as sized_chunks
+from finelake.models.spec import ModelSpec
 from finelake.resources import model_resources, model_worker_pool, plan_stage
 from finelake.runtime import StageContext, StageStats
 from finelake.stage import Limits, ModelStage, Stage
@@ -79,7 +80,8 @@ def run_model_stage(ctx: StageContext, stage: ModelStage, limits: Limits = Limit
     n_pending = pending.count()
     stats.skipped = stats.rows_in - n_pending
     if n_pending:
-        spec = model_spec(settings.model)
+        # One checked, frozen spec, built here and shipped unchanged to the executors.
+        spec = ModelSpec.of(settings.model, settings.kind, key=f"{stage.name} model")
         # A vLLM model spanning tensor_parallel_size GPUs asks for that many per task; a model
         # behind an endpoint for none (finelake.resources.model_resources).
         plan = plan_stage(ctx.spark, model_resources(spec) if stage.resources.uses_gpu

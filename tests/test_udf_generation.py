@@ -46,7 +46,10 @@ def test_generate_frame_rows_errors_and_defaults():
 
 
 def test_model_loads_once_per_process():
-    key = cache.cache_key("generator", json.loads(json.dumps(MODEL_CFG)))
+    from finelake.models.spec import ModelSpec
+
+    key = ModelSpec.of(MODEL_CFG, "generator").key  # the checked spec keys the cache
+    assert key == cache.cache_key("generator", ModelSpec.of(dict(MODEL_CFG), "generator"))
     pdf = pd.DataFrame({"messages": [_msgs("Hi.")]})
     generate_frame(MODEL_CFG, pdf)
     generate_frame(dict(MODEL_CFG), pdf)

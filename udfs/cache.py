@@ -76,7 +76,7 @@ CALLS = {"calls": 0, "prompts": 0}
 
 def cache_key(kind: str, spec: dict) -> str:
     """``kind:`` + the spec as sorted JSON: equal configurations share one cached model."""
-    return kind + ":" + json.dumps(spec, sort_keys=True, default=str)
+    return kind + ":" + json.dumps(dict(spec), sort_keys=True, default=str)
 
 
 def task_gpus() -> list[str]:

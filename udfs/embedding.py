@@ -25,24 +25,11 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import pandas as pd
 
+from finelake.models.spec import ModelSpec
 from finelake.udfs.cache import get_or_load
 
 __all__ = ["embed_frame", "embedding_udf", "map_embeddings", "load_embedder", "embedding_type",
-           "model_spec"]
-
-
-def model_spec(model_cfg: Union[dict, Any]) -> dict:
-    """The model config as a plain, complete dict (what workers receive and the cache is keyed by).
-
-    Accepts a :class:`finelake.config.ModelConfig` or a dict of its fields; validated.
-
-    Raises:
-        pydantic.ValidationError: a field is missing or mistyped.
-    """
-    from finelake.config import ModelConfig
-
-    cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**dict(model_cfg))
-    return cfg.model_dump()
+           ]
 
 
 def _task_cpus() -> Optional[int]:
@@ -69,7 +56,7 @@ def load_embedder(model_cfg: Union[dict, Any]):
     """
     from finelake.models.embedding import create_embedder
 
-    spec = model_spec(model_cfg)
+    spec = ModelSpec.of(model_cfg, "embedder").as_dict()
     if spec["options"].get("threads") is None:
         cpus = _task_cpus()
         if cpus:
@@ -138,7 +125,7 @@ def embedding_udf(model_cfg: Union[dict, Any], pooled: bool, chunks: int = 5, si
     """
     from pyspark.sql.functions import pandas_udf
 
-    spec = model_spec(model_cfg)
+    spec = ModelSpec.of(model_cfg, "embedder")
     chunks, sigma, alpha = int(chunks), float(sigma), float(alpha)
 
     @pandas_udf(embedding_type(pooled))
@@ -171,7 +158,7 @@ def map_embeddings(df, model_cfg: Union[dict, Any], text_col: str, pooled: bool,
         raise ValueError(f"no column {text_col!r} in {df.columns}")
     if out_col in df.columns:
         raise ValueError(f"column {out_col!r} already exists")
-    spec = model_spec(model_cfg)
+    spec = ModelSpec.of(model_cfg, "embedder")
     chunks, sigma, alpha = int(chunks), float(sigma), float(alpha)
     schema = StructType(list(df.schema.fields) + [StructField(out_col, embedding_type(pooled), True)])
 

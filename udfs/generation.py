@@ -26,8 +26,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from finelake.models.base import GenerationBackend, GenerationRequest, GenerationResult
 from finelake.faults import is_engine_fault
+from finelake.models.base import GenerationBackend, GenerationRequest, GenerationResult
+from finelake.models.spec import ModelSpec
 from finelake.udfs.cache import evict, get_or_load, model_call
 
 OUTPUT_COLUMNS = ["text", "prompt_tokens", "completion_tokens", "finish_reason", "error"]
@@ -36,22 +37,13 @@ OUTPUT_DDL = ("text string, prompt_tokens int, completion_tokens int, finish_rea
 """Spark schema of the output struct, in column order of :data:`OUTPUT_COLUMNS`."""
 
 
-def model_spec(model_cfg: Any) -> dict[str, Any]:
-    """A plain, JSON-serializable dict of a :class:`~finelake.config.ModelConfig` (or dict)."""
-    if hasattr(model_cfg, "model_dump"):
-        model_cfg = model_cfg.model_dump()
-    if not isinstance(model_cfg, Mapping):
-        raise TypeError(f"model_cfg must be a ModelConfig or dict, not {type(model_cfg).__name__}")
-    return json.loads(json.dumps(dict(model_cfg), default=str))
-
-
 def load_generator(model_cfg: Any) -> GenerationBackend:
     """The generator for ``model_cfg``, loaded at most once per process (per distinct config).
 
     Raises:
         ImportError / ValueError / ModelNotFound: from :func:`create_generator` on first load.
     """
-    spec = model_spec(model_cfg)
+    spec = ModelSpec.of(model_cfg, "generator").as_dict()
 
     def _load():
         from finelake.models.generation import create_generator
@@ -118,7 +110,7 @@ def generate_frame(model_cfg: Mapping[str, Any], pdf: pd.DataFrame) -> pd.DataFr
         KeyError: ``pdf`` has no ``messages`` column.
         ImportError / ValueError: the model cannot be loaded (not a row's fault).
     """
-    spec = model_spec(model_cfg)
+    spec = ModelSpec.of(model_cfg, "generator")
     if "messages" not in pdf.columns:
         raise KeyError(f"generate_frame needs a 'messages' column; got {list(pdf.columns)}")
     n = len(pdf)
@@ -176,7 +168,7 @@ def generation_udf(model_cfg: Any):
     """
     from pyspark.sql.functions import pandas_udf
 
-    spec = model_spec(model_cfg)
+    spec = ModelSpec.of(model_cfg, "generator")
 
     @pandas_udf(OUTPUT_DDL)
     def generate(rows: pd.DataFrame) -> pd.DataFrame:

@@ -5,21 +5,26 @@ from __future__ import annotations
 import pandas as pd
 
 from finelake.faults import is_engine_fault
+from finelake.models.spec import ModelSpec
 from finelake.udfs.cache import evict, get_or_load, model_call
 
 
-def load_judge(spec: dict):
+def load_judge(spec):
+    """The judge of ``spec`` (a :class:`~finelake.models.spec.ModelSpec`, or a model config or
+    dict, checked here), loaded at most once per Python worker."""
     from finelake.models.judge import create_judge
 
-    return get_or_load("judge", spec, lambda: create_judge(spec))
+    d = ModelSpec.of(spec, "judge").as_dict()
+    return get_or_load("judge", d, lambda: create_judge(d))
 
 
-def judge_frame(spec: dict, pdf: pd.DataFrame) -> pd.DataFrame:
+def judge_frame(spec, pdf: pd.DataFrame) -> pd.DataFrame:
     """``pdf`` (columns instruction, answer) -> columns judge_score (int or None), judge_reason,
     judge_model, judge_parts (the embedded judge's parts as JSON; None for a judge that gives
     only a score and a reason). A failing batch gives None scores with the error as reason, not a failed task;
     after an engine-level error (:func:`finelake.faults.is_engine_fault`) the cached judge is
     evicted (:func:`finelake.udfs.cache.evict`) so the next batch loads a fresh one."""
+    spec = ModelSpec.of(spec, "judge")  # a driver's spec as is; a config or dict checked once
     judge = load_judge(spec)
     try:
         with model_call("judge", spec, len(pdf)):
