@@ -192,12 +192,14 @@ def child(lake: str, settings: list[str], queries: int, documents: int) -> int:
 
 
 def _table(lake: Path, name: str):
-    from deltalake import DeltaTable
+    # finelake.lake.read_delta, not DeltaTable.to_pyarrow_table(): the latter's Arrow threads can
+    # abort the process at interpreter exit (issue 23 item 9).
+    from finelake.lake import read_delta
 
     p = lake / name
     if not (p / "_delta_log").is_dir():
         return []
-    return DeltaTable(str(p)).to_pyarrow_table().to_pylist()
+    return read_delta(str(p)).to_pylist()
 
 
 def _canon(rows, drop=LINEAGE, ndigits=None):
@@ -403,10 +405,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip the interpreter's teardown: once, after the checks had passed, a native library's
-    # thread destructor aborted the process ("terminate called without an active exception"),
-    # which would turn a pass into a failure. Every result is printed and written by now.
-    os._exit(code)
+    sys.exit(main())
