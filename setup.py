@@ -99,6 +99,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "finelake",
+        "finelake.lake",
         "finelake.method",
         "finelake.jobs",
         "finelake.jobs.ingestion",
@@ -143,6 +144,8 @@ setup(
         # blank("en") pipeline: no model download.
         "datatrove==0.10.1",
         "spacy==3.8.18",
+        # datatrove's word tokenizers import regex, which datatrove 0.10.1 does not require.
+        "regex>=2023.0",
     ],
     extras_require={
         "spark": SPARK,

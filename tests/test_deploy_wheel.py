@@ -68,7 +68,8 @@ def test_wheel_alone_runs_the_emr_ingest_step_under_spark_submit(tmp_path):
     home = tmp_path / "finelake"
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "VIRTUAL_ENV")}
-    _run(["bash", ROOT / "deploy" / "emr" / "bootstrap.sh", wheel, ""],
+    # --no-yarn-gpu: no cgroup mount (an EMR node's YARN GPU isolation) on this machine
+    _run(["bash", ROOT / "deploy" / "emr" / "bootstrap.sh", "--no-yarn-gpu", wheel, ""],
          env={**env, "FINELAKE_HOME": str(home), "FINELAKE_PYTHON": sys.executable,
               "PIP_NO_COMPILE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}, cwd=tmp_path)
     python = home / "venv" / "bin" / "python"

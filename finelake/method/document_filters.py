@@ -102,6 +102,8 @@ def check_filters(specs: Sequence[FilterSpec]) -> None:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"ingest.filters[{i}].options: {name}: {exc}") from None
         languages.add(getattr(flt, "language", None))
+    if not any(languages):  # no filter, or none that tokenizes words: nothing more to load
+        return
     from datatrove.utils.word_tokenizers import load_word_tokenizer
 
     for lang in sorted(x for x in languages if x):
