@@ -189,13 +189,17 @@ def run_chunks(ctx, stage: str, path: str, sizes: dict[int, int], build: Callabl
                 t0 = time.monotonic()
                 b0 = busy() if busy is not None else 0.0
                 out = build(chunk).persist(StorageLevel.MEMORY_AND_DISK)
-                t1 = time.monotonic()
-                out.count()  # the model job
-                t2 = time.monotonic()
-                run.model_s.append(t2 - t1)
-                run.busy_s.append(((busy() - b0) if busy is not None else 0.0) / max(1, tasks))
-                if chunk == CANARY_CHUNK and after_canary is not None:
-                    after_canary(out)  # raises to stop: nothing of the canary is committed
+                try:
+                    t1 = time.monotonic()
+                    out.count()  # the model job
+                    t2 = time.monotonic()
+                    run.model_s.append(t2 - t1)
+                    run.busy_s.append(((busy() - b0) if busy is not None else 0.0) / max(1, tasks))
+                    if chunk == CANARY_CHUNK and after_canary is not None:
+                        after_canary(out)  # raises to stop: nothing of the canary is committed
+                except BaseException:
+                    out.unpersist()  # a failed job or canary leaves nothing cached
+                    raise
                 waited = 0.0
                 if in_flight is not None:
                     w0 = time.monotonic()

@@ -75,69 +75,72 @@ def run_model_stage(ctx: StageContext, stage: ModelStage, limits: Limits = Limit
     stats = StageStats(stage.name)
     settings = stage.settings(cfg)
     scope = stage.scope(ctx, limits).cache()
-    stats.rows_in = scope.count()
-    pending = unfinished(lake, scope, stage.table, stage.key)
-    n_pending = pending.count()
-    stats.skipped = stats.rows_in - n_pending
-    if n_pending:
-        # One checked, frozen spec, built here and shipped unchanged to the executors.
-        spec = ModelSpec.of(settings.model, settings.kind, key=f"{stage.name} model")
-        # A vLLM model spanning tensor_parallel_size GPUs asks for that many per task; a model
-        # behind an endpoint for none (finelake.resources.model_resources).
-        plan = plan_stage(ctx.spark, model_resources(spec) if stage.resources.uses_gpu
-                          else stage.resources)
-        meter = call_meter(ctx.spark)
-        n_keys = (scope.select(stage.chunk_key).distinct().count()
-                  if stage.chunk_key != stage.key else stats.rows_in)
-        per_key = stage.prompts_per_key(ctx, scope, n_keys) if stage.prompts_per_key else 1.0
-        size = sized_chunks(settings.chunk_size, spec["batch_size"], plan.tasks, per_key)
-        n_chunks = chunk_count(n_keys, size)  # drawn over the scope: a resumed run sizes alike
-        log.info("%s: %s; %d %ss per chunk, %d chunks", stage.name, plan.note, size,
-                 stage.chunk_key, n_chunks)
-        canary = _canary(ctx, stage, limits)
-        canary_keys = (scope.select(stage.chunk_key).distinct()
-                       .orderBy(_hash(stage.chunk_key), stage.chunk_key).limit(canary.rows)
-                       if canary is not None else None)
-        path, sizes = chunk_loop.stage_keys(ctx, stage.name, pending, stage.chunk_key, n_chunks,
-                                            canary_keys)
-        fn = functools.partial(stage.rows, **stage.row_args(ctx, spec))
-        output = stage.output or stage.table
+    try:
+        stats.rows_in = scope.count()
+        pending = unfinished(lake, scope, stage.table, stage.key)
+        n_pending = pending.count()
+        stats.skipped = stats.rows_in - n_pending
+        if n_pending:
+            # One checked, frozen spec, built here and shipped unchanged to the executors.
+            spec = ModelSpec.of(settings.model, settings.kind, key=f"{stage.name} model")
+            # A vLLM model spanning tensor_parallel_size GPUs asks for that many per task; a model
+            # behind an endpoint for none (finelake.resources.model_resources).
+            plan = plan_stage(ctx.spark, model_resources(spec) if stage.resources.uses_gpu
+                              else stage.resources)
+            meter = call_meter(ctx.spark)
+            n_keys = (scope.select(stage.chunk_key).distinct().count()
+                      if stage.chunk_key != stage.key else stats.rows_in)
+            per_key = stage.prompts_per_key(ctx, scope, n_keys) if stage.prompts_per_key else 1.0
+            size = sized_chunks(settings.chunk_size, spec["batch_size"], plan.tasks, per_key)
+            n_chunks = chunk_count(n_keys, size)  # drawn over the scope: a resumed run sizes alike
+            log.info("%s: %s; %d %ss per chunk, %d chunks", stage.name, plan.note, size,
+                     stage.chunk_key, n_chunks)
+            canary = _canary(ctx, stage, limits)
+            canary_keys = (scope.select(stage.chunk_key).distinct()
+                           .orderBy(_hash(stage.chunk_key), stage.chunk_key).limit(canary.rows)
+                           if canary is not None else None)
+            path, sizes = chunk_loop.stage_keys(ctx, stage.name, pending, stage.chunk_key, n_chunks,
+                                                canary_keys)
+            fn = functools.partial(stage.rows, **stage.row_args(ctx, spec))
+            output = stage.output or stage.table
 
-        def build(chunk: int):
-            keys = chunk_loop.read_staged(ctx, path, chunk)
-            # The canary's keys come from every hash chunk: read their inputs from the whole table.
-            part = stage.inputs(ctx, keys, n_chunks, None if chunk < 0 else chunk)
-            part = (chunk_loop.spread(part, stage.chunk_key, plan.tasks)
-                    .sortWithinPartitions(stage.chunk_key, *stage.order))
-            with model_worker_pool(ctx.spark):
-                return map_rows(part, fn, output, min_rows=spec["batch_size"], meter=meter,
-                                profile=plan.profile)
+            def build(chunk: int):
+                keys = chunk_loop.read_staged(ctx, path, chunk)
+                # The canary's keys come from every hash chunk: read their inputs from the whole
+                # table.
+                part = stage.inputs(ctx, keys, n_chunks, None if chunk < 0 else chunk)
+                part = (chunk_loop.spread(part, stage.chunk_key, plan.tasks)
+                        .sortWithinPartitions(stage.chunk_key, *stage.order))
+                with model_worker_pool(ctx.spark):
+                    return map_rows(part, fn, output, min_rows=spec["batch_size"], meter=meter,
+                                    profile=plan.profile)
 
-        commit = stage.commit or (lambda c, out: c.lake.merge(stage.table, out, c.run_id,
-                                                              **RETRY_MERGE))
-        try:
-            run = chunk_loop.run_chunks(
-                ctx, stage.name, path, sizes, build, lambda out: commit(ctx, out),
-                after_canary=canary.check if canary is not None else None,
-                on_commit=lambda done: fail_point(stage.name, done),
-                busy=(lambda: float(meter.value[2])) if meter is not None else None,
-                tasks=plan.tasks)
-        finally:
-            storage.remove_tree(ctx.spark, path)
-        record_meter(stats, meter)
-        stats.extra["chunks"] = run.chunks
-        stats.chunk_run = run
-    scope_keys = scope.select(stage.key)
-    lake.create(stage.table)  # empty when nothing was in scope: later stages still read it
-    lake.add_missing_columns(stage.table)
-    rows = lake.read(stage.table).join(scope_keys, stage.key, "left_semi")
-    if stage.summarize is not None:
-        stage.summarize(ctx, stats, scope)
-    else:
-        count_outcomes(stats, rows)
-    stats.quarantined = quarantine_failures(ctx, stage.name, stage.table, stage.key, scope_keys)
-    stats.retry = rows.where("status = 'retry'").count()
-    scope.unpersist()
+            commit = stage.commit or (lambda c, out: c.lake.merge(stage.table, out, c.run_id,
+                                                                  **RETRY_MERGE))
+            try:
+                run = chunk_loop.run_chunks(
+                    ctx, stage.name, path, sizes, build, lambda out: commit(ctx, out),
+                    after_canary=canary.check if canary is not None else None,
+                    on_commit=lambda done: fail_point(stage.name, done),
+                    busy=(lambda: float(meter.value[2])) if meter is not None else None,
+                    tasks=plan.tasks)
+            finally:
+                storage.remove_tree(ctx.spark, path)
+            record_meter(stats, meter)
+            stats.extra["chunks"] = run.chunks
+            stats.chunk_run = run
+        scope_keys = scope.select(stage.key)
+        lake.create(stage.table)  # empty when nothing was in scope: later stages still read it
+        lake.add_missing_columns(stage.table)
+        rows = lake.read(stage.table).join(scope_keys, stage.key, "left_semi")
+        if stage.summarize is not None:
+            stage.summarize(ctx, stats, scope)
+        else:
+            count_outcomes(stats, rows)
+        stats.quarantined = quarantine_failures(ctx, stage.name, stage.table, stage.key, scope_keys)
+        stats.retry = rows.where("status = 'retry'").count()
+    finally:
+        scope.unpersist()
     for t in stage.writes:
         lake.register(t)
     return stats.finish()
