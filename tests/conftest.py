@@ -63,6 +63,13 @@ def spark():
          # One session serves the whole suite: 2g filled its old generation after ~300 tests
          # and the JVM spent its time in full GCs (1,745 of them, 811 s, in one CI run).
          .config("spark.driver.memory", "4g")
+         # The status store keeps every job's tasks and SQL metrics for the UI even with the UI
+         # off (a heap histogram after ~250 tests: 1.8 GB of long[], 618k BitSets, 67k TaskDataWrapper);
+         # a test session needs few of them.
+         .config("spark.ui.retainedJobs", "50")
+         .config("spark.ui.retainedStages", "50")
+         .config("spark.ui.retainedTasks", "2000")
+         .config("spark.sql.ui.retainedExecutions", "20")
          .getOrCreate())
     s.sparkContext.setLogLevel("ERROR")
     yield s
