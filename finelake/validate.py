@@ -319,4 +319,21 @@ def run_validate(profile: str, overrides: Optional[list[str]] = None, lake: Opti
         too_old = spark_version_problem(version)
         problems += [too_old] if too_old else []
         lines.append(f"spark: {where} is Spark {version}")
+    too_few = _bucket_warning(cfg)
+    if too_few:
+        lines.append(f"warning: {too_few}")
     return cfg, lines, problems
+
+
+def _bucket_warning(cfg: "FinelakeConfig") -> Optional[str]:
+    """The budget bucket warning for the profile's lake when it already holds documents
+    (:func:`finelake.jobs.budget.lake_bucket_warning`: Delta's file statistics, no Spark job);
+    None when there is nothing to warn about or the lake cannot be read from here."""
+    from finelake.jobs.budget import lake_bucket_warning
+    from finelake.lake import Lake
+
+    try:
+        lake = Lake(cfg.lake, None)
+    except Exception:  # noqa: BLE001 - a warning must never stop validate
+        return None
+    return lake_bucket_warning(lake, cfg.budget.buckets)

@@ -179,3 +179,23 @@ def test_tensor_parallel_size_is_checked_against_the_executors_gpus(tmp_path, no
                                    "models:\n  judge:\n    options:\n      tensor_parallel_size: 2\n")
     r = _validate("--conf", path)
     assert r.exit_code == 0, r.output
+
+
+def test_validate_warns_when_the_lakes_documents_outgrow_the_budget_buckets(tmp_path, no_session,
+                                                                            monkeypatch):
+    """issue 23 item 5: a lake whose document count is too much for budget.buckets gets the
+    warning, with the fix, from `finelake validate` (not a failure)."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from finelake.jobs import budget
+
+    lake = tmp_path / "lake"
+    write_deltalake(str(lake / "documents"), pa.table({"doc_id": ["a", "b", "c"]}))
+    monkeypatch.setattr(budget, "MAX_DOCS_PER_BUCKET", 1)  # 3 documents: 4 buckets needed
+    r = _validate("--conf", "local", "--lake", str(lake))
+    assert r.exit_code == 0, r.output
+    assert "warning: budget.buckets=1 for 3 documents" in r.output
+    assert "set budget.buckets: 4 (or more)" in r.output
+    r = _validate("--conf", "local", "--lake", str(lake), "--set", "budget.buckets=4")
+    assert "budget.buckets=" not in r.output
