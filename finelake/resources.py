@@ -39,7 +39,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -220,19 +220,6 @@ def session_conf(spark, keys=("spark.executor.resource.gpu.amount",
             out[k] = v
     return out
 
-
-def model_stage_resources(backend: str, options: Optional[Mapping[str, Any]] = None) -> Resources:
-    """:func:`model_resources` from a model's ``backend`` and ``options`` (the ``llm`` judge's
-    ``inner_backend`` defaults to vLLM): :data:`MODEL_STAGE`, ``Resources(gpus=tp)`` or no GPU
-    for a model behind an endpoint.
-
-    Raises:
-        ValueError: a bad ``tensor_parallel_size``.
-    """
-    opts = dict(options or {})
-    if backend == "llm":
-        opts.setdefault("inner_backend", "vllm")
-    return model_resources({"backend": backend, "options": opts})
 
 
 @dataclass(frozen=True)

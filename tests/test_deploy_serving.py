@@ -137,7 +137,7 @@ def test_emr_bootstrap_serve_option_runs_the_same_script(tmp_path):
 
 
 def test_serving_target_moves_exactly_the_stages_whose_model_is_served():
-    from finelake.resources import model_stage_resources
+    from finelake.resources import model_resources
     from test_deploy_bundle import load_bundle
 
     cfg = load_config("databricks-serving")
@@ -145,7 +145,7 @@ def test_serving_target_moves_exactly_the_stages_whose_model_is_served():
                    "match": cfg.models.embedder, "instantiate": cfg.models.generator,
                    "judge": cfg.models.judge}
     served = {stage for stage, mc in stage_model.items()
-              if not model_stage_resources(mc.backend, mc.options).uses_gpu}
+              if not model_resources(mc).uses_gpu}
     job = load_bundle("serving")["resources"]["jobs"]["finelake_pipeline"]
     on_servers = {t["task_key"] for t in job["tasks"] if t["job_cluster_key"] == "gpu_serving"}
     assert on_servers == served == {"genericize", "instantiate", "judge"}

@@ -64,14 +64,14 @@ def test_coalesce_batches_gives_whole_batches_in_order():
 
 
 def test_served_models_ask_for_no_gpu():
-    from finelake.resources import model_stage_resources
+    assert model_resources({"backend": "vllm"}) == MODEL_STAGE
+    assert model_resources({"backend": "sentence_transformers"}) == MODEL_STAGE
+    assert not model_resources({"backend": "openai"}).uses_gpu
+    assert not model_resources({"backend": "llm", "options": {"inner_backend": "openai"}}).uses_gpu
+    assert model_resources({"backend": "llm", "options": {"inner_backend": "vllm"}}) == MODEL_STAGE
+    assert model_resources({"backend": "llm"}) == MODEL_STAGE  # the llm judge's default inner is vllm
 
-    assert model_stage_resources("vllm") == MODEL_STAGE
-    assert model_stage_resources("sentence_transformers") == MODEL_STAGE
-    assert not model_stage_resources("openai").uses_gpu
-    assert not model_stage_resources("llm", {"inner_backend": "openai"}).uses_gpu
-    assert model_stage_resources("llm", {"inner_backend": "vllm"}) == MODEL_STAGE
-    assert model_stage_resources("llm") == MODEL_STAGE  # the llm judge's default inner is vllm
+
 @pytest.mark.parametrize("cfg,gpus", [
     ({"backend": "vllm", "options": {"tensor_parallel_size": 4}}, 4),
     ({"backend": "vllm", "options": {"tensor_parallel_size": "2"}}, 2),
