@@ -160,6 +160,11 @@ def run_report(ctx: StageContext, out: Optional[str] = None) -> str:
     drops = report_quality.drops_by_reason(lake, cfg.judge.min_score)
     lines += ["", "### Dropped pairs by reason", "", "| reason | pairs |", "|---|---:|"]
     lines += [f"| {k} | {n:,} |" for k, n in drops] or ["| (none) | 0 |"]
+    ingest_drops = report_quality.ingest_drops_by_reason(lake)
+    lines += ["", "### Input rows dropped at ingest by reason", "",
+              "| table | reason | rows |", "|---|---|---:|"]
+    lines += ([f"| {t} | {r} | {n:,} |" for t, r, n in ingest_drops]
+              or ["| (none) | | 0 |"])
     report_quality.write_quality_page(lake, out, cfg.judge.min_score)
     lines += ["", "**[quality.md](quality.md)**: 20 kept pairs and 10 dropped ones, sampled with a "
                   "fixed seed, to read in five minutes."]

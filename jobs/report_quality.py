@@ -14,7 +14,8 @@ from collections import Counter
 from typing import Optional
 
 from finelake.lake import Lake
-from finelake.tables import BUDGET_LEDGER, INSTANTIATIONS, JUDGMENTS, PAIRS, QUARANTINE
+from finelake.tables import (BUDGET_LEDGER, INGEST_DROPS, INSTANTIATIONS, JUDGMENTS, PAIRS,
+                             QUARANTINE)
 
 SEED = 0
 """Seed of the sampled pairs."""
@@ -80,6 +81,21 @@ def drops_by_reason(lake: Lake, min_score: int) -> list[tuple[str, int]]:
     if refused:
         c["refused at budget: ungrounded"] += refused
     return sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def ingest_drops_by_reason(lake: Lake) -> list[tuple[str, str, int]]:
+    """Input rows ingest removed, counted by table and reason, most frequent first:
+    ``(target, reason, rows)``. Reasons are ingest's codes (``duplicate``, ``near_duplicate``,
+    ``contaminated``, ``duplicate_id``) and the document filters' ``<filter>:<datatrove reason>``
+    (``gopher_quality:gopher_below_alpha_threshold``); a filter's detail after ``": "`` is left
+    out. An empty list when nothing was dropped or the lake has no ``ingest_drops`` table."""
+    try:
+        d = lake.read_arrow(INGEST_DROPS, columns=["target", "reason"]).to_pydict()
+    except Exception:  # noqa: BLE001 - a lake whose ingest has not run
+        return []
+    c = Counter((t, (r or "").split(": ")[0].strip() or "(no reason)")
+                for t, r in zip(d["target"], d["reason"]))
+    return sorted(((t, r, n) for (t, r), n in c.items()), key=lambda x: (-x[2], x[0], x[1]))
 
 
 def kept_positions(lake: Lake) -> list[float]:

@@ -5,7 +5,8 @@ import pyarrow as pa
 
 from finelake.jobs import report_quality as rq
 from finelake.lake import Lake
-from finelake.tables import BUDGET_LEDGER, INSTANTIATIONS, JUDGMENTS, PAIRS, QUARANTINE
+from finelake.tables import (BUDGET_LEDGER, INGEST_DROPS, INSTANTIATIONS, JUDGMENTS, PAIRS,
+                             QUARANTINE)
 
 NAV = "quality:answer_navigation: navigation line 'polkit   May 2009   POLKITD(8)'"
 
@@ -74,3 +75,18 @@ def test_answer_positions_of_kept_pairs_and_quantiles(tmp_path):
     assert rq.quantiles(positions)[0.5] == 13 / 40
     assert rq.quantiles([]) == {}
     assert rq.quantiles([0.1, 0.2, 0.3, 0.4])[0.5] == 0.3
+
+
+def test_ingest_drops_are_counted_by_table_and_reason(tmp_path):
+    lake = _lake(tmp_path)
+    assert rq.ingest_drops_by_reason(lake) == []  # no ingest_drops table yet
+    rows = ([("documents", "gopher_quality:gopher_below_alpha_threshold")] * 3
+            + [("documents", "fineweb_quality:line_punct_ratio")] * 2
+            + [("queries", "duplicate"), ("documents", "duplicate")])
+    lake.merge(INGEST_DROPS, pa.Table.from_pylist(
+        [{"drop_id": f"x{i}", "target": t, "source": "s", "location": f"f:{i}", "reason": r}
+         for i, (t, r) in enumerate(rows)]), "r")
+    assert rq.ingest_drops_by_reason(lake) == [
+        ("documents", "gopher_quality:gopher_below_alpha_threshold", 3),
+        ("documents", "fineweb_quality:line_punct_ratio", 2),
+        ("documents", "duplicate", 1), ("queries", "duplicate", 1)]
