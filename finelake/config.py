@@ -251,8 +251,10 @@ class InstantiateQualityConfig(_Strict):
     judge (finelake.method.quality): a pair that fails one is ``filtered`` with the rule as its
     reason and is never judged."""
 
-    enabled: bool = Field(True, description="Apply the rules; false: every parsed pair goes to "
-                          "the judge as before (answer_position is still recorded).")
+    enabled: bool = Field(True, description="Apply the rules, at instantiate and in the embedded "
+                          "relevance judge's quality part; false: every parsed pair goes to the "
+                          "judge and the embedded judge scores relevance alone, as before the "
+                          "rules (answer_position is still recorded).")
     prefer_body: bool = Field(
         True, description="Decomposed mode: the numbered sentences the instantiator picks an "
         "answer from leave out the document's leading header block (title, NAME / SYNOPSIS "

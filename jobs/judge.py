@@ -38,6 +38,30 @@ STAGE = "judge"
 log = logging.getLogger(__name__)
 
 
+def with_quality_rules(spec: dict, quality_rules: Optional[dict]) -> dict:
+    """The judge's model spec with ``instantiate.quality`` applied to the embedded relevance judge.
+
+    The rules' thresholds become its ``options.quality_rules`` and ``enabled: false`` turns its
+    quality part off (``options.quality: false``), so one switch runs the whole pipeline with or
+    without the quality rules (issue 26's before/after); an option the spec sets itself wins.
+    Other backends' specs (an LLM judge) are returned unchanged.
+
+    Args:
+        spec: the judge's model spec (dict form of :class:`finelake.models.spec.ModelSpec`).
+        quality_rules: ``instantiate.quality`` as a dict, or None (spec unchanged).
+
+    Returns:
+        A new spec dict (``spec`` is not modified).
+    """
+    if spec.get("backend") != "relevance" or quality_rules is None:
+        return spec
+    opts = dict(spec.get("options") or {})
+    opts.setdefault("quality_rules", quality_rules)
+    if quality_rules.get("enabled") is False:
+        opts.setdefault("quality", False)
+    return {**spec, "options": opts}
+
+
 def judge_rows(pdf: pd.DataFrame, spec: dict, min_score: int, prompt_version: str,
                max_attempts: int = 3, quality_rules: Optional[dict] = None) -> list[dict]:
     """Executor side: (pair_key, doc_id, template_id, instruction, answer, optional
@@ -50,10 +74,7 @@ def judge_rows(pdf: pd.DataFrame, spec: dict, min_score: int, prompt_version: st
     from finelake.faults import settle
     from finelake.udfs.judge import judge_frame
 
-    opts = spec.get("options") or {}
-    if spec.get("backend") == "relevance" and quality_rules is not None and "quality_rules" not in opts:
-        spec = {**spec, "options": {**opts, "quality_rules": quality_rules}}
-
+    spec = with_quality_rules(spec, quality_rules)
     j = judge_frame(spec, pdf)
     prior = (pdf["prior_attempts"].fillna(0).astype(int).tolist() if "prior_attempts" in pdf
              else [0] * len(pdf))

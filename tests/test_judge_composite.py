@@ -67,3 +67,23 @@ def test_quality_options_are_checked_and_passed_to_the_judge():
         check_judge_options({**spec, "options": {"quality": "yes"}})
     with pytest.raises(OptionError, match="unknown quality rule"):
         check_judge_options({**spec, "options": {"quality_rules": {"skip": ["typo"]}}})
+
+
+def test_instantiate_quality_switches_the_embedded_judges_quality_part():
+    from finelake.jobs.judge import with_quality_rules
+
+    spec = {"backend": "relevance", "model": "embedded:all-minilm-l6-v2", "options": {}}
+    on = {"enabled": True, "answer_min_words": 10}
+    off = {"enabled": False, "answer_min_words": 10}
+    assert with_quality_rules(spec, on)["options"] == {"quality_rules": on}
+    assert with_quality_rules(spec, off)["options"] == {"quality_rules": off, "quality": False}
+    assert spec["options"] == {}  # not modified
+    # what the judge's own options say wins
+    own = {**spec, "options": {"quality": True, "quality_rules": {"answer_min_words": 5}}}
+    assert with_quality_rules(own, off)["options"] == own["options"]
+    # an LLM judge has no quality part
+    llm = {"backend": "vllm", "model": "flowaicom/Flow-Judge-v0.1", "options": {}}
+    assert with_quality_rules(llm, off) is llm and with_quality_rules(spec, None) is spec
+    # the options it makes are ones the judge accepts
+    settings = check_judge_options(with_quality_rules(spec, off))
+    assert settings["quality"] is False
