@@ -32,7 +32,7 @@ import pandas as pd
 from finelake.jobs.common import read_for_keys, require
 from finelake.runtime import StageContext, StageStats
 from finelake.stage import ChunkSettings, Limits, ModelStage
-from finelake.tables import INSTANTIATIONS, JUDGMENTS
+from finelake.tables import INSTANTIATIONS, JUDGMENTS, TEMPLATES
 
 STAGE = "judge"
 log = logging.getLogger(__name__)
@@ -108,10 +108,16 @@ def _scope(ctx: StageContext, limits: Limits):
 
 
 def _inputs(ctx: StageContext, keys, n_chunks: int, chunk):
-    """A chunk's pairs with their instruction and answer, read by key from ``instantiations``."""
+    """A chunk's pairs with their instruction and answer, read by key from ``instantiations``,
+    and their template's text (``templates``; the embedded judge's instruction rules look at the
+    slot fills, as instantiate's do)."""
     text = read_for_keys(ctx, INSTANTIATIONS, keys, "pair_key", n_chunks, chunk,
                          ["instruction", "answer"])
-    return keys.join(text, "pair_key")
+    pairs = keys.join(text, "pair_key")
+    if not ctx.lake.exists(TEMPLATES):  # pairs judged on their own
+        return pairs
+    return pairs.join(ctx.lake.read(TEMPLATES).select("template_id", "template"), "template_id",
+                      "left")
 
 
 def _row_args(ctx: StageContext, spec: dict) -> dict:
@@ -148,7 +154,7 @@ JUDGE = ModelStage(
     name=STAGE,
     help="Score instantiated pairs 1-5 and keep those >= judge.min_score (instantiations -> judgments).",
     table=JUDGMENTS, key="pair_key", chunk_key="pair_key",
-    reads=(INSTANTIATIONS,),
+    reads=(INSTANTIATIONS, TEMPLATES),
     settings=_settings, scope=_scope, inputs=_inputs, rows=judge_rows, row_args=_row_args,
     summarize=_summarize, options=())
 """judge as a model stage (:mod:`finelake.stage`): one row per ``ok`` instantiation."""

@@ -83,9 +83,18 @@ class RelevanceJudge:
         """Release the embedder (:func:`finelake.udfs.cache.close_model` calls this on eviction)."""
         _close(self.embedder)
 
-    def score(self, instructions: list[str], answers: list[str]) -> list[tuple]:
+    #: :func:`finelake.udfs.judge.judge_frame` passes each pair's template when it has them.
+    takes_templates = True
+
+    def score(self, instructions: list[str], answers: list[str],
+              templates: Optional[Sequence[Optional[str]]] = None) -> list[tuple]:
         """One ``(score 1-5, reason, parts JSON)`` per pair, relevance being the cosine of unit
-        embeddings; without ``quality``, ``(score, reason)``."""
+        embeddings; without ``quality``, ``(score, reason)``.
+
+        ``templates`` (one per pair, or None) let the instruction rules look at the slot fills
+        (:func:`finelake.method.quality.check_instruction`), as instantiate does: without them
+        only the repetition rule applies, to the whole instruction, and a template that repeats
+        its own words (a long real query) fails it."""
         if not instructions:
             return []
         a = self.embedder.embed(list(instructions))
@@ -98,10 +107,12 @@ class RelevanceJudge:
         from finelake.method import quality
 
         out = []
-        for c, ins, ans in zip(cos, instructions, answers):
+        tpls = list(templates) if templates is not None else [None] * len(instructions)
+        for c, ins, ans, tpl in zip(cos, instructions, answers, tpls):
             score, reason, parts = judging.composite_judgment(
                 float(c), quality.check_answer(ans, self.rules),
-                quality.check_instruction(ins, self.rules), quality.answer_measures(ans), self.cuts)
+                quality.check_instruction(ins, self.rules, tpl), quality.answer_measures(ans),
+                self.cuts)
             out.append((score, reason, json.dumps(parts, sort_keys=True)))
         return out
 

@@ -87,3 +87,42 @@ def test_instantiate_quality_switches_the_embedded_judges_quality_part():
     # the options it makes are ones the judge accepts
     settings = check_judge_options(with_quality_rules(spec, off))
     assert settings["quality"] is False
+
+
+# A shipped sample query ("The Philippines ratified the Rome Statute on August 30, 2011. The ICC has
+# jurisdiction over Rome Statute crimes committed since November 1, 2011."), the template
+# SmolLM2-135M genericized it into and an instruction it instantiated, from `make sample`
+# (2026-12-07): the template repeats "2011" and "Rome Statute" itself; its slot fills do not repeat.
+ROME_TEMPLATE = ("The <fi>statutory law</fi> the <fi>statutory law</fi> on August 30, 2011. The ICC "
+                 "has jurisdiction over Rome Statute crimes committed since November 1, 2011.")
+ROME_INSTRUCTION = ("The Governor-General the issue on August 30, 2011. The ICC has jurisdiction "
+                    "over Rome Statute crimes committed since November 1, 2011.")
+
+
+def test_the_instruction_rules_look_at_slot_fills_when_the_judge_has_the_template():
+    emb = TableEmbedder({ROME_INSTRUCTION: np.array([1.0, 0.0]), PROSE: _unit(0.62)})
+    judge = RelevanceJudge(emb)
+    assert judge.takes_templates
+    (with_tpl, _, parts), = judge.score([ROME_INSTRUCTION], [PROSE], templates=[ROME_TEMPLATE])
+    assert with_tpl == 5 and json.loads(parts)["instruction"]["rule"] is None
+    # the pair alone: the template's own repeated words fail the repetition rule
+    (alone, reason, parts), = judge.score([ROME_INSTRUCTION], [PROSE])
+    assert alone == 1 and reason.startswith("quality:instruction_repetition: '2011' occurs twice")
+    # a template per pair, None where one is not known
+    both = judge.score([ROME_INSTRUCTION] * 2, [PROSE] * 2, templates=[ROME_TEMPLATE, None])
+    assert [s for s, _, _ in both] == [5, 1]
+
+
+def test_judge_frame_hands_the_frames_templates_to_the_embedded_judge():
+    import pandas as pd
+
+    from finelake.udfs.judge import judge_frame
+
+    spec = {"backend": "relevance", "model": "embedded:all-minilm-l6-v2", "batch_size": 8,
+            "options": {}}
+    pairs = pd.DataFrame({"instruction": [ROME_INSTRUCTION], "answer": [PROSE]})
+    alone = judge_frame(spec, pairs)
+    with_tpl = judge_frame(spec, pairs.assign(template=[ROME_TEMPLATE]))
+    assert json.loads(alone["judge_parts"][0])["instruction"]["rule"].startswith(
+        "quality:instruction_repetition")
+    assert json.loads(with_tpl["judge_parts"][0])["instruction"]["rule"] is None

@@ -19,7 +19,7 @@ def load_judge(spec):
 
 
 def judge_frame(spec, pdf: pd.DataFrame) -> pd.DataFrame:
-    """``pdf`` (columns instruction, answer) -> columns judge_score (int or None), judge_reason,
+    """``pdf`` (columns instruction, answer, optional template) -> columns judge_score (int or None), judge_reason,
     judge_model, judge_parts (the embedded judge's parts as JSON; None for a judge that gives
     only a score and a reason). A failing batch gives None scores with the error as reason, not a failed task;
     after an engine-level error (:func:`finelake.faults.is_engine_fault`) the cached judge is
@@ -28,7 +28,9 @@ def judge_frame(spec, pdf: pd.DataFrame) -> pd.DataFrame:
     judge = load_judge(spec)
     try:
         with model_call("judge", spec, len(pdf)):
-            scored = judge.score(list(pdf["instruction"]), list(pdf["answer"]))
+            extra = ({"templates": list(pdf["template"])}
+                     if "template" in pdf and getattr(judge, "takes_templates", False) else {})
+            scored = judge.score(list(pdf["instruction"]), list(pdf["answer"]), **extra)
     except Exception as exc:  # noqa: BLE001 - reported per row
         scored = [(None, f"judge_error: {type(exc).__name__}: {exc}")] * len(pdf)
         if is_engine_fault(exc):  # the engine is gone (or out of memory): reload next batch
