@@ -174,13 +174,17 @@ def lake_bucket_warning(lake, buckets: int) -> Optional[str]:
     try:
         from deltalake import DeltaTable
 
+        from finelake.lake.rs import read_delta
+
         if not lake.exists(DOCUMENTS):
             return None
         actions = DeltaTable(lake.path(DOCUMENTS)).get_add_actions(flatten=True)
         n_docs = sum(v or 0 for v in actions.column("num_records").to_pylist())
         walked = None
         if lake.exists(BUDGET_LEDGER):
-            b = DeltaTable(lake.path(BUDGET_LEDGER)).to_pyarrow_dataset().head(1, columns=["buckets"])
+            # read_delta, not to_pyarrow_dataset(): a pyarrow scan over delta-rs's Python file
+            # system can kill the process at exit (finelake.lake.rs.read_delta; make exit-check)
+            b = read_delta(lake.path(BUDGET_LEDGER), columns=["buckets"], limit=1)
             walked = (b.column("buckets")[0].as_py() or 1) if b.num_rows else None
     except Exception as exc:  # noqa: BLE001 - a warning must never stop a run
         log.debug("budget bucket check skipped: %s", exc)

@@ -18,9 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_read_only_commands_exit_0_every_time(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "exit_check.py"),
-                        "--commands", "read:24,tables:3,sql:3,report:1", "--rows", "100",
+                        "--commands", "read:24,tables:3,sql:3,report:1,validate:6", "--rows", "100",
                         "--commits", "3", "--json", str(tmp_path / "exit.json")],
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout + p.stderr
-    for name, runs in (("read", 24), ("tables", 3), ("sql", 3), ("report", 1)):
+    for name, runs in (("read", 24), ("tables", 3), ("sql", 3), ("report", 1), ("validate", 6)):
         assert f"exit-check {name}: runs={runs} failures=0 " in p.stdout, p.stdout

@@ -39,6 +39,7 @@ def test_read_delta_is_the_snapshot_in_file_order_with_declared_types(lake):
     assert read_delta(path, 1).equals(delta_snapshot(path, 1))
     assert read_delta(path, 1, ["text", "doc_id"]).column_names == ["text", "doc_id"]
     assert read_delta(DeltaTable(path, version=2), columns=["doc_id"]).num_rows == 4
+    assert read_delta(path, columns=["doc_id"], limit=2).equals(want.select(["doc_id"]).slice(0, 2))
     assert lake.read_arrow(DOCUMENTS).column_names == DOCUMENTS.columns  # key_bucket left out
     empty = Lake(str(lake.root), None)
     empty.create(TEMPLATES)

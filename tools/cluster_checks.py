@@ -109,9 +109,11 @@ def check_driver_log(log_text: str, stages=("genericize", "instantiate", "judge"
 
 
 def table_rows(lake: Path, name: str) -> list[dict]:
-    from deltalake import DeltaTable
+    """Every row of the lake's table ``name``, through :func:`finelake.lake.rs.read_delta` (not
+    ``to_pyarrow_table()``, which can kill the process at exit)."""
+    from finelake.lake.rs import read_delta
 
-    return DeltaTable(str(lake / name)).to_pyarrow_table().to_pylist()
+    return read_delta(str(lake / name)).to_pylist()
 
 
 def check_direct_rows(lake: Path, report: dict) -> list[str]:

@@ -33,13 +33,14 @@ def quote_ident(name: str) -> str:
 
 
 def read_delta(table: Union[str, "DeltaTable"], version: Optional[int] = None,
-               columns: Optional[list[str]] = None) -> pa.Table:
+               columns: Optional[list[str]] = None, limit: Optional[int] = None) -> pa.Table:
     """A Delta table's rows (or ``columns`` of them), read by delta-rs's own Rust reader.
 
     Args:
         table: the table's path/URI, or a loaded ``deltalake.DeltaTable`` (its version is read).
         version: the version to read when ``table`` is a path (None: latest).
         columns: the columns, in this order (None: all, in the table's order).
+        limit: at most this many rows, the first in file order (None: all).
 
     Returns:
         A ``pyarrow.Table`` with the table's Arrow types (``to_pyarrow_table``'s schema), rows in
@@ -65,6 +66,8 @@ def read_delta(table: Union[str, "DeltaTable"], version: Optional[int] = None,
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns])
     sql = f"SELECT {', '.join(quote_ident(c) for c in schema.names)} FROM {quote_ident('t')}"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
     stream = (QueryBuilder({"datafusion.execution.target_partitions": "1"})
               .register("t", dt).execute(sql))
     out = pa.RecordBatchReader.from_stream(stream).read_all()
