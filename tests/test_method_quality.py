@@ -2,7 +2,11 @@
 
 Examples come from the shipped sample (``sample/documents.jsonl``, read through the package) and
 from Debian manual pages as ``man`` renders them at 80 columns (``tools/make_manuals.py``), quoted
-below with their package and licence.
+below with their package and licence. The sample has examples of ``answer_short``,
+``answer_header_block``, ``answer_markup``, ``answer_headings`` and ``answer_not_prose``; none of
+its 998 documents has a navigation line or a repeated block, and no run on it (2026-12-07) filled
+a slot with a section number, a path or another slot's text, so those rules' examples are manual
+pages and issue 26's own held-out example.
 """
 
 import json
@@ -145,6 +149,29 @@ def test_answer_not_prose_on_an_option_list():
     why = q.check_answer(DIFF_OPTIONS)
     assert _rule(why) == "quality:answer_not_prose"
     assert q.prose_share(DIFF_OPTIONS) < 0.5
+
+
+def test_answer_not_prose_on_the_samples_flattened_list(sample_docs):
+    """The shipped sample's Wikipedia lead on radiation ends in its bulleted list, flattened to
+    one unpunctuated line per item: an answer made of the list is not prose; its lead is."""
+    radiation = _doc(sample_docs, "In physics, radiation is the emission or transmission")
+    items = radiation[radiation.index("electromagnetic radiation consisting"):]
+    assert items.count("\n") >= 3
+    assert _rule(q.check_answer(items)) == "quality:answer_not_prose"
+    assert q.prose_share(items) == 0.0
+    lead = radiation[:radiation.index("This includes:")]
+    assert q.check_answer(lead) is None
+
+
+def test_answer_headings_on_the_samples_dateline(sample_docs):
+    """A BBC item of the shipped sample opens with its dateline: an answer that runs from the
+    dateline into the story fails on the heading line, unless it is the document's own header
+    block (then the header-block rule names it, with the document)."""
+    bbc = _doc(sample_docs, "4 May 2016 Last updated at 17:39 BST\n")
+    answer = bbc[:bbc.index("anonymously tracked and sent to the researchers.") + 49]
+    assert q.check_answer(answer) == ("quality:answer_headings: heading line "
+                                      "'4 May 2016 Last updated at 17:39 BST'")
+    assert _rule(q.check_answer(answer, document=bbc, answer_start=0)) == "quality:answer_header_block"
 
 
 def test_unwrap_joins_a_manual_paragraph_and_its_hanging_indent():
