@@ -108,13 +108,14 @@ def _scope(ctx: StageContext, limits: Limits):
 
 
 def _inputs(ctx: StageContext, keys, n_chunks: int, chunk):
-    """A chunk's pairs with their instruction and answer, read by key from ``instantiations``,
-    and their template's text (``templates``; the embedded judge's instruction rules look at the
-    slot fills, as instantiate's do)."""
+    """A chunk's pairs with their instruction and answer, read by key from ``instantiations``;
+    for the embedded ``relevance`` judge also their template's text (``templates``: its
+    instruction rules look at the slot fills, as instantiate's do). An LLM judge reads the pair
+    alone, so its chunks do not join the templates table."""
     text = read_for_keys(ctx, INSTANTIATIONS, keys, "pair_key", n_chunks, chunk,
                          ["instruction", "answer"])
     pairs = keys.join(text, "pair_key")
-    if not ctx.lake.exists(TEMPLATES):  # pairs judged on their own
+    if ctx.cfg.models.judge.backend != "relevance" or not ctx.lake.exists(TEMPLATES):
         return pairs
     return pairs.join(ctx.lake.read(TEMPLATES).select("template_id", "template"), "template_id",
                       "left")
