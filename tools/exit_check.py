@@ -20,7 +20,7 @@ Commands checked (``--commands NAME[:RUNS],...``; ``--runs`` is the default coun
 Without ``--lake`` a lake is built in a temporary folder: every declared table, ``--rows`` rows in
 ``--commits`` commits each (several data files per table, as a real lake has), written by delta-rs.
 
-    python tools/exit_check.py                          # CI: tables, report and validate, 50 runs each
+    python tools/exit_check.py                          # CI: tables and report 50 runs each, validate 20
     python tools/exit_check.py --commands read:200      # the bare read, 200 runs
     python tools/exit_check.py --lake /path/to/lake --json exit-check.json
 
@@ -113,9 +113,9 @@ def check(name: str, runs: int, lake: str, work: str, timeout_s: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=50, help="runs per command (default 50)")
-    ap.add_argument("--commands", default="tables,report,validate",
+    ap.add_argument("--commands", default="tables,report,validate:20",
                     help="NAME[:RUNS],... of tables, report, sql, validate, read (default "
-                         "tables,report,validate)")
+                         "tables,report,validate:20)")
     ap.add_argument("--lake", default=None, help="an existing lake (default: build one)")
     ap.add_argument("--rows", type=int, default=500, help="rows per commit of a built lake")
     ap.add_argument("--commits", type=int, default=4, help="commits per table of a built lake")
