@@ -221,7 +221,6 @@ def session_conf(spark, keys=("spark.executor.resource.gpu.amount",
     return out
 
 
-
 @dataclass(frozen=True)
 class StagePlan:
     """How a stage runs on this session.

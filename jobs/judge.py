@@ -64,8 +64,8 @@ def with_quality_rules(spec: dict, quality_rules: Optional[dict]) -> dict:
 
 def judge_rows(pdf: pd.DataFrame, spec: dict, min_score: int, prompt_version: str,
                max_attempts: int = 3, quality_rules: Optional[dict] = None) -> list[dict]:
-    """Executor side: (pair_key, doc_id, template_id, instruction, answer, optional
-    prior_attempts) in, ``judgments`` rows out (status, attempts = prior_attempts + 1; see the
+    """Executor side: (pair_key, doc_id, template_id, instruction, answer, optional template,
+    optional prior_attempts) in, ``judgments`` rows out (status, attempts = prior_attempts + 1; see the
     module docstring). A pair whose score could not be obtained is not kept and its reason says
     why; it is ``retry`` when the failure is transient and attempts are left
     (:func:`finelake.faults.settle`). ``quality_rules`` (``instantiate.quality``) go to the

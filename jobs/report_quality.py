@@ -89,10 +89,7 @@ def ingest_drops_by_reason(lake: Lake) -> list[tuple[str, str, int]]:
     ``contaminated``, ``duplicate_id``) and the document filters' ``<filter>:<datatrove reason>``
     (``gopher_quality:gopher_below_alpha_threshold``); a filter's detail after ``": "`` is left
     out. An empty list when nothing was dropped or the lake has no ``ingest_drops`` table."""
-    try:
-        d = lake.read_arrow(INGEST_DROPS, columns=["target", "reason"]).to_pydict()
-    except Exception:  # noqa: BLE001 - a lake whose ingest has not run
-        return []
+    d = _read(lake, INGEST_DROPS, ["target", "reason"])
     c = Counter((t, (r or "").split(": ")[0].strip() or "(no reason)")
                 for t, r in zip(d["target"], d["reason"]))
     return sorted(((t, r, n) for (t, r), n in c.items()), key=lambda x: (-x[2], x[0], x[1]))
