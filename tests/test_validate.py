@@ -199,3 +199,9 @@ def test_validate_warns_when_the_lakes_documents_outgrow_the_budget_buckets(tmp_
     assert "set budget.buckets: 4 (or more)" in r.output
     r = _validate("--conf", "local", "--lake", str(lake), "--set", "budget.buckets=4")
     assert "budget.buckets=" not in r.output
+    # once the ledger is walked, its bucket count (read through delta-rs) is what the warning names
+    write_deltalake(str(lake / "budget_ledger"), pa.table({"doc_id": ["a"], "buckets": [2]}))
+    r = _validate("--conf", "local", "--lake", str(lake))
+    assert r.exit_code == 0, r.output
+    assert "warning: budget.buckets=2 for 3 documents" in r.output
+    assert "this lake's ledger is walked with 2 bucket(s)" in r.output
